@@ -1,0 +1,103 @@
+"""Checkpoints: plain data only, written atomically, loaded with weights_only=True."""
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CharlmError
+from .model import CharLM, ModelConfig
+
+FORMAT = "charlm-checkpoint"
+VERSION = 1
+RUNS_DIR = "runs"
+TRAIN_COMMAND = "python train.py data=timemachine"
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    """Write state to path so that a crash at any moment leaves the old file or the new one.
+
+    The file is written beside its destination, flushed to disk, then renamed over it.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save({"format": FORMAT, "version": VERSION, **state}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def model_state(model: CharLM) -> dict[str, Any]:
+    """The part of a checkpoint that rebuilds the model: its config and weights."""
+    # Unwrap torch.compile / DDP so the keys carry no '_orig_mod.' or 'module.' prefix.
+    model = getattr(model, "_orig_mod", model)
+    model = getattr(model, "module", model)
+    return {"model_config": asdict(model.config), "model": model.state_dict()}
+
+
+def resolve_checkpoint(path: str | Path, prefer: str = "best.pt") -> Path:
+    """A .pt file, or the checkpoint inside a run directory (prefer, else the other one)."""
+    path = Path(path)
+    if path.is_dir():
+        for name in (prefer, "last.pt" if prefer == "best.pt" else "best.pt"):
+            if (path / name).is_file():
+                return path / name
+        raise CharlmError(f"{path} holds no best.pt or last.pt; is it a charlm run directory?")
+    if not path.exists():
+        raise CharlmError(f"checkpoint {path} does not exist; give a run directory or a .pt file")
+    return path
+
+
+def latest_run(root: str | Path = RUNS_DIR) -> Path:
+    """The most recently written run directory under root that holds a checkpoint."""
+    candidates = [p.parent for p in Path(root).glob("**/*.pt") if p.name in ("best.pt", "last.pt")]
+    if not candidates:
+        raise CharlmError(f"no trained model under {root}/ yet; train one first: {TRAIN_COMMAND}")
+    return max(candidates, key=lambda d: max(f.stat().st_mtime for f in d.glob("*.pt")))
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint onto the CPU without running any code from the file."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CharlmError(
+            f"{path} was refused: it is not a plain-data checkpoint and loading it could run code"
+            f" ({first}); only load files you trust, and retrain or convert them"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
+        raise CharlmError(f"{path} is not a readable checkpoint (truncated or not a .pt file): {e}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CharlmError(f"{path} is not a charlm checkpoint")
+    if state.get("version") != VERSION:
+        raise CharlmError(
+            f"{path} is a charlm checkpoint of format version {state.get('version')}; this charlm"
+            f" reads version {VERSION}"
+        )
+    return state
+
+
+def model_from_state(state: dict[str, Any]) -> CharLM:
+    """The model a checkpoint describes, with its own architecture and weights."""
+    model = CharLM(ModelConfig(**state["model_config"]))
+    model.load_state_dict(state["model"])
+    return model
+
+
+def load_model(path: str | Path) -> CharLM:
+    """A trained model from a checkpoint file or run directory, on the CPU, in eval mode."""
+    model = model_from_state(load_checkpoint(resolve_checkpoint(path)))
+    return model.eval()

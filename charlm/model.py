@@ -1,0 +1,57 @@
+"""The byte-level GRU language model: Embedding -> GRU x n_layers -> Linear -> LogSoftmax."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+VOCAB_SIZE = 256  # every UTF-8 byte; no vocabulary file, no unknown token
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a CharLM; stored in every checkpoint as a plain dict."""
+
+    d_model: int = 512
+    n_layers: int = 2
+    dropout: float = 0.0
+
+
+class CharLM(nn.Module):
+    """Predicts the next byte at every position of a byte sequence."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(VOCAB_SIZE, config.d_model)
+        # nn.GRU applies dropout between layers only; the output dropout below covers the last.
+        self.gru = nn.GRU(
+            config.d_model,
+            config.d_model,
+            num_layers=config.n_layers,
+            dropout=config.dropout if config.n_layers > 1 else 0.0,
+            batch_first=True,
+        )
+        self.drop = nn.Dropout(config.dropout)
+        self.head = nn.Linear(config.d_model, VOCAB_SIZE)
+
+    def forward(
+        self, x: torch.Tensor, h: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T) int64 bytes, h (n_layers, B, d_model) or None -> log_probs (B, T, 256), h.
+
+        log_probs[:, t] is the distribution of the byte that follows x[:, t].
+        """
+        e = self.drop(self.embed(x))  # (B, T, D)
+        out, h = self.gru(e, h)  # (B, T, D), (L, B, D)
+        logits = self.head(self.drop(out))  # (B, T, 256)
+        return torch.log_softmax(logits.float(), dim=-1), h
+
+    def init_hidden(self, batch_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """A zero hidden state (n_layers, batch_size, d_model): the start of a text."""
+        return torch.zeros(self.config.n_layers, batch_size, self.config.d_model, device=device)
+
+    def num_parameters(self) -> int:
+        """Number of trainable parameters."""
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,52 @@
+"""`python sample.py`: load a trained model and stream text from a prompt."""
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+
+import torch
+
+from .checkpoint import latest_run, load_checkpoint, model_from_state, resolve_checkpoint
+from .config import SampleConfig
+from .errors import CharlmError
+from .sampling import sample_text, stream_text
+from .train import resolve_device
+
+
+def read_prompt(cfg: SampleConfig) -> str:
+    """The prompt text: prompt=, or the contents of prompt_file= (UTF-8)."""
+    if not cfg.prompt_file:
+        return cfg.prompt
+    path = Path(cfg.prompt_file)
+    if not path.is_file():
+        raise CharlmError(f"prompt_file={path} is not a file")
+    return path.read_bytes().decode("utf-8", errors="replace")
+
+
+def sample(cfg: SampleConfig) -> None:
+    """Print the prompt and `length` new bytes (per sample) to stdout, streamed."""
+    path = resolve_checkpoint(cfg.checkpoint) if cfg.checkpoint else resolve_checkpoint(latest_run())
+    state = load_checkpoint(path)
+    device = resolve_device(cfg.device)
+    model = model_from_state(state).to(device).eval()
+    prompt = read_prompt(cfg)
+    seed = cfg.seed if cfg.seed is not None else random.randrange(2**31)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    print(
+        f"[{path} | step {state['step']} | val loss {state['best_val_loss']:.4f} | "
+        f"temperature {cfg.temperature} | seed {seed}]",
+        file=sys.stderr,
+    )
+    kwargs = dict(temperature=cfg.temperature, top_k=cfg.top_k, generator=generator)
+    if cfg.num_samples == 1:
+        sys.stdout.write(prompt)
+        for piece in stream_text(model, prompt, cfg.length, **kwargs):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return
+    for i, text in enumerate(sample_text(model, prompt, cfg.length, num_samples=cfg.num_samples, **kwargs)):
+        if i:
+            print("-" * 40)
+        print(text)

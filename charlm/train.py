@@ -1,0 +1,292 @@
+"""The training loop: batches in, checkpoints, TensorBoard events and a summary out."""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch.optim.lr_scheduler import LambdaLR
+from tqdm import tqdm
+
+from . import checkpoint as ckpt
+from .data import StreamBatches, corpus_path, load_bytes, random_batch, split
+from .errors import CharlmError
+from .evaluation import evaluate_loss, metrics
+from .model import CharLM
+from .sampling import sample_text
+
+if TYPE_CHECKING:
+    from .config import Config
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, schedule, evaluation and device settings."""
+
+    batch_size: int = 64
+    seq_len: int = 100
+    batching: str = "stream"  # stream: lanes with the state carried; random: fresh windows
+    max_steps: int = 3000
+    lr: float = 2e-3  # peak learning rate, after warmup
+    min_lr: float = 1e-4  # reached at max_steps by cosine decay
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # max gradient norm; 0 = no clipping
+    eval_every: int = 250  # steps between val evaluations, checkpoints and samples
+    eval_bytes: int = 0  # score the first eval_bytes of val; 0 = all of it
+    sample_length: int = 200  # bytes of the sample written at each evaluation
+    log_every: int = 10
+    device: str = "auto"  # auto | cpu | cuda
+    resume: Optional[str] = None  # run dir or .pt to continue from
+
+    def __post_init__(self) -> None:
+        positive = ("batch_size", "seq_len", "max_steps", "eval_every", "log_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise CharlmError(f"train.{name} must be at least 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise CharlmError(f"train.lr must be above 0, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise CharlmError(f"train.min_lr must be between 0 and train.lr, got {self.min_lr}")
+        for name in ("warmup_steps", "eval_bytes", "sample_length", "weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise CharlmError(f"train.{name} must be 0 or more, got {getattr(self, name)}")
+        if self.batching not in ("stream", "random"):
+            raise CharlmError(f"train.batching must be stream or random, got {self.batching!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise CharlmError(f"train.device must be auto, cpu or cuda, got {self.device!r}")
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto -> cuda when present, else cpu; cuda without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise CharlmError(f"device={name} but no CUDA GPU is available; use device=cpu or device=auto")
+    return torch.device(name)
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup to 1, then cosine decay to min_ratio at `total` steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: CharLM, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only (not on biases)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99))
+
+
+def train(cfg: "Config", out_dir: Path, resume_state: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Train cfg's model on cfg's data, writing checkpoints and events to out_dir; return a summary."""
+    from torch.utils.tensorboard import SummaryWriter  # slow import; only the trainer needs it
+
+    tc = cfg.train
+    device = resolve_device(tc.device)
+    if tc.device == "auto":
+        print(f"device: {device} (train.device=auto{'' if device.type == 'cuda' else ', no CUDA GPU found'})")
+    torch.manual_seed(cfg.seed)
+
+    path = corpus_path(cfg.data)
+    splits = split(load_bytes(path), cfg.data.train_frac, cfg.data.val_frac)
+    train_data, val_data = splits["train"], splits["val"]
+    if len(val_data) == 0:
+        raise CharlmError(
+            f"{path} ({len(load_bytes(path)):,} bytes) leaves no validation text at"
+            f" data.val_frac={cfg.data.val_frac}; use a longer text or raise data.val_frac"
+        )
+    if tc.eval_bytes:
+        val_data = val_data[: tc.eval_bytes]
+    batches = StreamBatches(train_data, tc.batch_size, tc.seq_len) if tc.batching == "stream" else None
+    if batches is None and len(train_data) < tc.seq_len:
+        random_batch(train_data, tc.batch_size, tc.seq_len, torch.Generator())  # raises the clear error
+
+    model = CharLM(cfg.model).to(device)
+    optimizer = make_optimizer(model, tc)
+    scheduler = LambdaLR(
+        optimizer, partial(lr_factor, warmup=tc.warmup_steps, total=tc.max_steps, min_ratio=tc.min_lr / tc.lr)
+    )
+    generator = torch.Generator().manual_seed(cfg.seed)  # random batching
+    step, best_val, best_step, h = 0, math.inf, 0, None
+    if resume_state is not None:
+        model.load_state_dict(resume_state["model"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        scheduler.load_state_dict(resume_state["scheduler"])
+        step, best_val, best_step = resume_state["step"], resume_state["best_val_loss"], resume_state["best_step"]
+        torch.set_rng_state(resume_state["rng"]["torch"])
+        generator.set_state(resume_state["rng"]["batches"])
+        if resume_state.get("hidden") is not None:
+            h = resume_state["hidden"].to(device)
+        print(f"resumed from step {step} (best val loss {best_val:.4f})")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(_to_yaml(asdict(cfg)))
+    # purge_step drops events a killed run wrote after its last checkpoint (at `step`, whose own
+    # events came before the save): no duplicated steps in the curves.
+    writer = SummaryWriter(str(out_dir), purge_step=step + 1 if resume_state else None)
+
+    n_params = model.num_parameters()
+    epoch_bytes = batches.n_windows * tc.batch_size * tc.seq_len if batches else len(train_data)
+    print(
+        f"{cfg.data.name}: {len(train_data):,} train / {len(val_data):,} val bytes | "
+        f"model {cfg.model.d_model}x{cfg.model.n_layers} GRU, {n_params / 1e6:.2f}M params | "
+        f"{tc.max_steps} steps of {tc.batch_size}x{tc.seq_len} "
+        f"({tc.max_steps * tc.batch_size * tc.seq_len / epoch_bytes:.1f} epochs) on {device} | {out_dir}"
+    )
+
+    def evaluate() -> dict[str, float]:
+        loss, _ = evaluate_loss(model, val_data, seq_len=256, lanes=_eval_lanes(len(val_data)), device=device)
+        return metrics(loss)
+
+    def save(name: str) -> None:
+        state = {
+            **ckpt.model_state(model),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "step": step,
+            "best_val_loss": best_val,
+            "best_step": best_step,
+            "rng": {"torch": torch.get_rng_state(), "batches": generator.get_state()},
+            "hidden": None if h is None else h.detach().cpu(),
+            "config": asdict(cfg),
+        }
+        ckpt.save_checkpoint(out_dir / name, state)
+
+    sample_gen = torch.Generator(device=device)
+    model.train()
+    start_step, t_start = step, time.perf_counter()
+    t_log, tokens_since_log, loss_sum, last_val = time.perf_counter(), 0, 0.0, None
+    bar = tqdm(total=tc.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True, file=sys.stdout)
+    while step < tc.max_steps:
+        if batches is not None:
+            k = step % batches.n_windows
+            if k == 0:
+                h = None  # a new epoch: every lane starts over at the start byte
+            x, y = batches.window(k)
+        else:
+            x, y = random_batch(train_data, tc.batch_size, tc.seq_len, generator)
+            h = None
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        log_probs, h_new = model(x, h)
+        loss = F.nll_loss(log_probs.reshape(-1, log_probs.size(-1)), y.reshape(-1))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or math.inf)
+        optimizer.step()
+        scheduler.step()
+        h = h_new.detach() if batches is not None else None
+        step += 1
+        loss_sum += loss.item()
+        tokens_since_log += x.numel()
+        bar.update(1)
+
+        if step % tc.log_every == 0 or step == tc.max_steps:
+            n = step % tc.log_every or tc.log_every
+            train_loss = loss_sum / n
+            if not math.isfinite(train_loss):
+                bar.close()
+                raise CharlmError(
+                    f"the training loss became {train_loss} at step {step}; lower train.lr or raise "
+                    "train.warmup_steps; the checkpoints written so far are untouched"
+                )
+            tok_s = tokens_since_log / (time.perf_counter() - t_log)
+            writer.add_scalar("train/loss", train_loss, step)
+            writer.add_scalar("train/bpb", train_loss / math.log(2), step)
+            writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
+            writer.add_scalar("train/grad_norm", float(grad_norm), step)
+            writer.add_scalar("train/tokens_per_sec", tok_s, step)
+            postfix = {"loss": f"{train_loss:.3f}", "tok/s": f"{tok_s:,.0f}"}
+            if last_val is not None:
+                postfix["val"] = f"{last_val:.3f}"
+            bar.set_postfix(postfix, refresh=False)
+            loss_sum, tokens_since_log, t_log = 0.0, 0, time.perf_counter()
+
+        if step % tc.eval_every == 0 or step == tc.max_steps:
+            m = evaluate()
+            last_val = m["loss"]
+            for key, value in m.items():
+                writer.add_scalar(f"val/{key}", value, step)
+            sample_gen.manual_seed(cfg.seed)
+            text = sample_text(model, "", tc.sample_length, temperature=0.8, generator=sample_gen)[0]
+            writer.add_text("sample", "    " + text.replace("\n", "\n    "), step)  # markdown code block
+            improved = m["loss"] < best_val
+            if improved:
+                best_val, best_step = m["loss"], step
+            save("last.pt")
+            if improved:
+                save("best.pt")
+            bar.write(
+                f"step {step}: val loss {m['loss']:.4f} | ppl {m['perplexity']:.2f} | "
+                f"{m['bpb']:.3f} bits/byte{' (best)' if improved else ''}\n    "
+                + text.strip().replace("\n", "\n    ")[:300]
+            )
+            t_log = time.perf_counter()  # tokens/s measures training, not evaluation
+    bar.close()
+    elapsed = time.perf_counter() - t_start
+    final = metrics(best_val)
+    _write_hparams(writer, cfg, final)
+    writer.close()
+    summary = {
+        "steps": step,
+        "seconds": elapsed,
+        "steps_this_run": step - start_step,
+        "best_val_loss": best_val,
+        "best_val_bpb": final["bpb"],
+        "best_val_perplexity": final["perplexity"],
+        "best_step": best_step,
+        "out_dir": str(out_dir),
+    }
+    _print_summary(summary)
+    return summary
+
+
+def _eval_lanes(n: int) -> int:
+    """Lanes for evaluation: each at least 1 KiB long, at most 64 of them."""
+    return max(1, min(64, n // 1024))
+
+
+def _to_yaml(d: dict) -> str:
+    from omegaconf import OmegaConf  # only for writing the resolved config out
+
+    return OmegaConf.to_yaml(OmegaConf.create(d))
+
+
+def _write_hparams(writer, cfg: "Config", final: dict[str, float]) -> None:
+    """Hyperparameters and final metrics into this run's own event file (TensorBoard's HParams tab)."""
+    from torch.utils.tensorboard.summary import hparams
+
+    flat = {}
+    for section in ("data", "model", "train"):
+        for key, value in asdict(getattr(cfg, section)).items():
+            flat[f"{section}.{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    flat["seed"] = cfg.seed
+    metric = {f"hparam/best_val_{k}": v for k, v in final.items()}
+    exp, ssi, sei = hparams(flat, metric)
+    fw = writer._get_file_writer()
+    for summary in (exp, ssi, sei):
+        fw.add_summary(summary)
+    for key, value in metric.items():
+        writer.add_scalar(key, value)
+
+
+def _print_summary(s: dict[str, Any]) -> None:
+    out = s["out_dir"]
+    minutes, seconds = divmod(int(s["seconds"]), 60)
+    print(
+        f"\ndone: {s['steps']} steps ({s['steps_this_run']} in this run, {minutes}m{seconds:02d}s)\n"
+        f"best val loss {s['best_val_loss']:.4f} nats/byte | perplexity {s['best_val_perplexity']:.2f} | "
+        f"{s['best_val_bpb']:.3f} bits/byte (step {s['best_step']})\n"
+        f"checkpoints:  {out}/best.pt  {out}/last.pt\n"
+        f"sample:       python sample.py checkpoint={out} prompt=\"t\" length=200\n"
+        f"tensorboard:  tensorboard --logdir {'runs' if Path(out).parts[0] == 'runs' else out}"
+    )

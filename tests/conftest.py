@@ -1,0 +1,61 @@
+"""Shared fixtures: a small corpus, the reference corpora seeded into a cache, CLI runners."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# The reference corpora live beside the project (../shared/data); tests never download them.
+SHARED_DATA = Path(os.environ.get("CHARLM_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+def small_text() -> str:
+    """About 20 KB of varied, learnable text (ASCII and a little UTF-8)."""
+    lines = [
+        f"the {a} {b} crossed the {c} at {n} o'clock; café déjà vu.\n"
+        for n, (a, b, c) in enumerate(
+            [(a, b, c) for a in ("grey", "swift", "old") for b in ("traveller", "machine", "fox")
+             for c in ("river", "hall", "lawn")] * 12
+        )
+    ]
+    return "".join(lines)
+
+
+@pytest.fixture
+def text_file(tmp_path: Path) -> Path:
+    path = tmp_path / "notes.txt"
+    path.write_text(small_text(), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def timemachine_cache(tmp_path: Path) -> Path:
+    """A data cache holding the real Time Machine file (skips if the shared copy is absent)."""
+    src = SHARED_DATA / "timemachine.txt"
+    if not src.exists():
+        pytest.skip(f"reference corpus not found at {src}")
+    cache = tmp_path / "data"
+    cache.mkdir()
+    shutil.copy(src, cache / "timemachine.txt")
+    return cache
+
+
+def run_cli(script: str, *args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    """Run train.py / sample.py as a user would, from cwd; returns the finished process."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / script), *args],
+        cwd=cwd, env=env, capture_output=True, text=True, encoding="utf-8", timeout=300,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+TINY = ("model.d_model=32", "model.n_layers=1", "train.batch_size=8", "train.seq_len=32",
+        "train.log_every=5", "train.sample_length=20", "train.warmup_steps=5")

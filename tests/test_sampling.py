@@ -1,0 +1,55 @@
+import torch
+
+from charlm.sampling import generate, next_byte, sample_text
+from charlm.tokenizer import START_BYTE
+from test_model import small_model
+
+
+def test_greedy_is_argmax_and_deterministic():
+    m = small_model()
+    a = sample_text(m, "the", 30, temperature=0)
+    b = sample_text(m, "the", 30, temperature=0)
+    assert a == b and a[0].startswith("the")
+    lp = torch.log_softmax(torch.randn(4, 256), -1)
+    assert torch.equal(next_byte(lp, 0, None, None), lp.argmax(-1))
+
+
+def test_one_step_per_byte_matches_rerunning_the_whole_sequence():
+    m = small_model()
+    prompt = b"time"
+    steps = [int(b) for b in generate(m, prompt, 15, temperature=0)]
+    seq = [START_BYTE, *prompt]
+    for expected in steps:  # the quadratic way: re-run everything for each byte
+        log_probs, _ = m(torch.tensor([seq]))
+        assert int(log_probs[0, -1].argmax()) == expected
+        seq.append(expected)
+
+
+def test_same_seed_same_text_and_batches():
+    m = small_model()
+    g = lambda: torch.Generator().manual_seed(7)  # noqa: E731
+    a = sample_text(m, "x", 40, temperature=1.0, generator=g(), num_samples=3)
+    b = sample_text(m, "x", 40, temperature=1.0, generator=g(), num_samples=3)
+    c = sample_text(m, "x", 40, temperature=1.0, generator=torch.Generator().manual_seed(8), num_samples=3)
+    assert a == b and len(a) == 3 and a != c
+
+
+def test_top_k_one_is_greedy():
+    m = small_model()
+    greedy = sample_text(m, "a", 25, temperature=0)
+    k1 = sample_text(m, "a", 25, temperature=1.5, top_k=1, generator=torch.Generator().manual_seed(0))
+    assert greedy == k1
+
+
+def test_top_k_keeps_only_the_k_most_likely():
+    lp = torch.log_softmax(torch.randn(1, 256), -1)
+    allowed = set(torch.topk(lp[0], 3).indices.tolist())
+    g = torch.Generator().manual_seed(0)
+    seen = {int(next_byte(lp, 2.0, 3, g)) for _ in range(200)}
+    assert seen <= allowed and len(seen) > 1
+
+
+def test_exact_number_of_new_bytes():
+    m = small_model()
+    assert len(list(generate(m, b"", 17, temperature=1.0))) == 17
+    assert len(list(generate(m, b"abc", 0, temperature=1.0))) == 0
