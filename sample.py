@@ -4,9 +4,9 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from charlm.cli import pop_raw_args, run_sample
+from charlm.cli import check_overrides, pop_raw_args, run_sample
 
-RAW = pop_raw_args(sys.argv, ("prompt", "prompt_file"))  # free text: kept away from Hydra's parser
+RAW = pop_raw_args(sys.argv, ("prompt", "prompt_file", "stop"))  # free text: kept away from Hydra's parser
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="sample")
@@ -15,4 +15,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_overrides("sample", sys.argv)  # a typo'd or mistyped override: one clear line
     main()

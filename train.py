@@ -1,8 +1,10 @@
 """Train a byte-level GRU language model: python train.py data=timemachine"""
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
-from charlm.cli import run_train
+from charlm.cli import check_overrides, run_train
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
@@ -11,4 +13,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_overrides("train", sys.argv)  # a typo'd or mistyped override: one clear line
     main()

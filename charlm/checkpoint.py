@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import zipfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -78,8 +77,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"{path} was refused: it is not a plain-data checkpoint and loading it could run code"
             f" ({first}); only load files you trust, and retrain or convert them"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
-        raise CharlmError(f"{path} is not a readable checkpoint (truncated or not a .pt file): {e}") from None
+    except IsADirectoryError:
+        raise CharlmError(f"{path} is a directory; give a run directory or a .pt file") from None
+    except Exception as e:  # torch.load fails in many ways on a damaged or foreign file
+        detail = f"{type(e).__name__}: {e}".splitlines()[0][:120]
+        raise CharlmError(f"{path} is not a readable checkpoint (truncated or not a .pt file; {detail})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CharlmError(f"{path} is not a charlm checkpoint")
     if state.get("version") != VERSION:

@@ -13,7 +13,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .config import Config, SampleConfig
+from .config import Config, EvaluateConfig, SampleConfig
 from .errors import CharlmError
 
 # The schemas the YAML files in configs/ are checked against: a typo'd key or a wrong type
@@ -21,6 +21,7 @@ from .errors import CharlmError
 _store = ConfigStore.instance()
 _store.store(name="train_schema", node=Config)
 _store.store(name="sample_schema", node=SampleConfig)
+_store.store(name="evaluate_schema", node=EvaluateConfig)
 
 
 def fail(message: str) -> None:
@@ -29,10 +30,44 @@ def fail(message: str) -> None:
     sys.exit(1)
 
 
+def check_overrides(config_name: str, argv: list[str]) -> None:
+    """Compose the config once up front so that a bad override ends in one line, not Hydra's page.
+
+    Hydra's own flags (--help, --cfg, -m, ...) are left to Hydra.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException, MissingConfigException
+
+    overrides = argv[1:]
+    if any(a.startswith("-") for a in overrides):
+        return
+    config_dir = str(Path(__file__).resolve().parent.parent / "configs")
+    try:
+        with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+            compose(config_name, overrides=overrides)
+    except MissingConfigException as e:
+        options = getattr(e, "options", None) or []
+        missing = getattr(e, "missing_cfg_file", "") or str(e).splitlines()[0]
+        group, _, name = str(missing).partition("/")
+        fail(f"{group}={name} is not a config; choose one of: {', '.join(options)}" if options
+             else str(e).splitlines()[0])
+    except HydraException as e:
+        cause = e.__cause__
+        key = getattr(cause, "full_key", None)
+        if key and "not in" in str(cause):
+            fail(f"{key} is not a setting; `python {config_name}.py --cfg job` lists them all")
+        if key:
+            fail(f"{key}: {str(cause).splitlines()[0]}")
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        fail(" ".join(lines[:2]) + " (quote free text: key='a, b')")
+
+
 def _to_object(cfg: DictConfig, schema: type) -> Any:
     """The composed config as plain dataclass instances (runs their validation)."""
     try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), cfg))
+        # Through a plain container: a schema-typed config would carry `+key=...` additions along.
+        plain = OmegaConf.to_container(cfg, resolve=True)
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), plain))
     except OmegaConfBaseException as e:
         msg = str(e).splitlines()[0]
         key = getattr(e, "full_key", None)
@@ -75,21 +110,22 @@ def _resume_config(cfg: DictConfig, overrides: list[str]) -> tuple[Config, dict[
 def run_train(cfg: DictConfig) -> None:
     """Body of `python train.py`."""
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     from .train import train
 
     def go() -> None:
+        hydra_cfg = HydraConfig.get()
         if cfg.train.resume:
-            config, state = _resume_config(cfg, list(HydraConfig.get().overrides.task))
+            config, state = _resume_config(cfg, list(hydra_cfg.overrides.task))
         else:
             config, state = _to_object(cfg, Config), None
+        explicit_out_dir = any(o.startswith("out_dir=") for o in hydra_cfg.overrides.task)
+        if hydra_cfg.mode == RunMode.MULTIRUN and not explicit_out_dir:
+            config.out_dir = hydra_cfg.runtime.output_dir  # one directory per job of a sweep
         out_dir = Path(config.out_dir)
         if out_dir.exists() and not out_dir.is_dir():
             raise CharlmError(f"out_dir={out_dir} is a file; give a directory")
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise CharlmError(f"cannot create out_dir={out_dir}: {e.strerror}") from None
         train(config, out_dir, resume_state=state)
 
     _guarded(go)
@@ -119,3 +155,10 @@ def run_sample(cfg: DictConfig, raw: dict[str, str]) -> None:
         sample(_to_object(merged, SampleConfig))
 
     _guarded(go)
+
+
+def run_evaluate(cfg: DictConfig) -> None:
+    """Body of `python evaluate.py`."""
+    from .evaluation import run_evaluation
+
+    _guarded(lambda: run_evaluation(_to_object(cfg, EvaluateConfig)))

@@ -175,11 +175,6 @@ def random_batch(
     data: np.ndarray, batch_size: int, seq_len: int, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """batch_size windows at random offsets, each a fresh text: x = [0, w[:-1]], y = w. (B, T) int64."""
-    if len(data) < seq_len:
-        raise CharlmError(
-            f"the training text ({len(data):,} bytes) is shorter than train.seq_len={seq_len};"
-            " lower train.seq_len or use more text"
-        )
     starts = torch.randint(0, len(data) - seq_len + 1, (batch_size,), generator=generator)
     y = torch.from_numpy(np.stack([data[s : s + seq_len] for s in starts.tolist()])).long()
     x = torch.cat([torch.full((batch_size, 1), START_BYTE, dtype=torch.long), y[:, :-1]], dim=1)

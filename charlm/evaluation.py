@@ -1,7 +1,9 @@
 """Loss of a model over a whole text, with the hidden state carried across windows."""
 from __future__ import annotations
 
+import json
 import math
+import time
 
 import numpy as np
 import torch
@@ -48,3 +50,40 @@ def evaluate_loss(
     model.train(was_training)
     n = lanes * lane_len
     return total / n, n
+
+
+def run_evaluation(cfg) -> dict[str, float]:
+    """Body of `python evaluate.py`: score a split (or a whole file) and print the figures."""
+    from .checkpoint import latest_run, load_checkpoint, model_from_state, resolve_checkpoint
+    from .data import corpus_path, load_bytes, split
+    from .train import resolve_device
+
+    path = resolve_checkpoint(cfg.checkpoint) if cfg.checkpoint else resolve_checkpoint(latest_run())
+    device = resolve_device(cfg.device)
+    model = model_from_state(load_checkpoint(path)).to(device)
+    text_path = corpus_path(cfg.data)
+    data = load_bytes(text_path)
+    which = cfg.split or ("all" if cfg.data.name == "text" else "test")
+    if which != "all":
+        data = split(data, cfg.data.train_frac, cfg.data.val_frac)[which]
+    t0 = time.perf_counter()
+    loss, n = evaluate_loss(model, data, seq_len=512, lanes=1, device=device)
+    result = {
+        "checkpoint": str(path),
+        "data": str(text_path),
+        "split": which,
+        "bytes": n,
+        **metrics(loss),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    if cfg.format == "json":
+        print(json.dumps(result))
+    else:
+        print(
+            f"{text_path} [{which}] scored by {path}\n"
+            f"bytes:       {n:,}\n"
+            f"loss:        {loss:.4f} nats/byte\n"
+            f"perplexity:  {result['perplexity']:.3f}\n"
+            f"bits/byte:   {result['bpb']:.4f}"
+        )
+    return result

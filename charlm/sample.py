@@ -25,7 +25,10 @@ def read_prompt(cfg: SampleConfig) -> str:
 
 
 def sample(cfg: SampleConfig) -> None:
-    """Print the prompt and `length` new bytes (per sample) to stdout, streamed."""
+    """Print the prompt and `length` new bytes (per sample) to stdout, streamed.
+
+    With stop=..., a sample ends after the first occurrence of that text instead.
+    """
     path = resolve_checkpoint(cfg.checkpoint) if cfg.checkpoint else resolve_checkpoint(latest_run())
     state = load_checkpoint(path)
     device = resolve_device(cfg.device)
@@ -38,7 +41,7 @@ def sample(cfg: SampleConfig) -> None:
         f"temperature {cfg.temperature} | seed {seed}]",
         file=sys.stderr,
     )
-    kwargs = dict(temperature=cfg.temperature, top_k=cfg.top_k, generator=generator)
+    kwargs = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, stop=cfg.stop, generator=generator)
     if cfg.num_samples == 1:
         sys.stdout.write(prompt)
         for piece in stream_text(model, prompt, cfg.length, **kwargs):

@@ -14,11 +14,13 @@ def next_byte(
     temperature: float,
     top_k: Optional[int],
     generator: Optional[torch.Generator],
+    top_p: Optional[float] = None,
 ) -> torch.Tensor:
     """Choose the next byte from log_probs (N, 256) -> (N,) int64.
 
     temperature 0 is greedy (argmax); otherwise sample from softmax(log_probs / temperature),
-    keeping only the top_k most likely bytes when top_k is given.
+    keeping only the top_k most likely bytes, and/or the smallest set of most likely bytes whose
+    probability reaches top_p (nucleus sampling), when given.
     """
     if temperature == 0:
         return log_probs.argmax(dim=-1)
@@ -26,6 +28,13 @@ def next_byte(
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        # drop a byte when the bytes before it already reach top_p (the first is always kept)
+        drop_sorted = (cumulative - torch.softmax(sorted_logits, dim=-1)) >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
@@ -39,6 +48,7 @@ def generate(
     top_k: Optional[int] = None,
     num_samples: int = 1,
     generator: Optional[torch.Generator] = None,
+    top_p: Optional[float] = None,
 ) -> Iterator[torch.Tensor]:
     """Yield `length` new bytes, one (num_samples,) tensor per step, continuing prompt.
 
@@ -54,29 +64,49 @@ def generate(
         h = None
         for _ in range(length):
             log_probs, h = model(x, h)
-            byte = next_byte(log_probs[:, -1], temperature, top_k, generator)  # (N,)
+            byte = next_byte(log_probs[:, -1], temperature, top_k, generator, top_p)  # (N,)
             yield byte
             x = byte.unsqueeze(1)  # (N, 1): one step per new byte
     finally:
         model.train(was_training)
 
 
-def sample_text(model: CharLM, prompt: str, length: int, **kwargs) -> list[str]:
-    """The prompt plus `length` new bytes, decoded, for each of num_samples samples."""
-    steps = list(generate(model, prompt.encode("utf-8"), length, **kwargs))
-    if not steps:
-        return [prompt] * kwargs.get("num_samples", 1)
-    new = torch.stack(steps, dim=1).tolist()  # (N, length)
-    return [prompt + decode(row) for row in new]
+def sample_text(model: CharLM, prompt: str, length: int, stop: str = "", **kwargs) -> list[str]:
+    """The prompt plus up to `length` new bytes, decoded, for each of num_samples samples.
+
+    With `stop`, each sample ends just after the first occurrence of stop in its new text.
+    """
+    num_samples = kwargs.get("num_samples", 1)
+    stop_bytes = stop.encode("utf-8")
+    rows: list[list[int]] = [[] for _ in range(num_samples)]
+    done = [False] * num_samples
+    for byte in generate(model, prompt.encode("utf-8"), length, **kwargs):
+        for i, b in enumerate(byte.tolist()):
+            if not done[i]:
+                rows[i].append(b)
+                done[i] = bool(stop_bytes) and bytes(rows[i][-len(stop_bytes):]) == stop_bytes
+        if all(done):
+            break
+    return [prompt + decode(row) for row in rows]
 
 
-def stream_text(model: CharLM, prompt: str, length: int, **kwargs) -> Iterator[str]:
-    """Pieces of text for one sample as they are generated (partial UTF-8 held back)."""
+def stream_text(model: CharLM, prompt: str, length: int, stop: str = "", **kwargs) -> Iterator[str]:
+    """Pieces of text for one sample as they are generated (partial UTF-8 held back).
+
+    With `stop`, the text ends just after the first occurrence of stop in the new text.
+    """
     decoder = StreamDecoder()
+    stop_bytes = stop.encode("utf-8")
+    tail = b""
     for byte in generate(model, prompt.encode("utf-8"), length, num_samples=1, **kwargs):
-        piece = decoder.feed(int(byte[0]))
+        b = int(byte[0])
+        piece = decoder.feed(b)
         if piece:
             yield piece
-    tail = decoder.finish()
-    if tail:
-        yield tail
+        if stop_bytes:
+            tail = (tail + bytes((b,)))[-len(stop_bytes):]
+            if tail == stop_bytes:
+                break
+    rest = decoder.finish()
+    if rest:
+        yield rest

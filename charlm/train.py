@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -15,6 +16,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
+from . import distributed
 from .data import StreamBatches, corpus_path, load_bytes, random_batch, split
 from .errors import CharlmError
 from .evaluation import evaluate_loss, metrics
@@ -44,6 +46,7 @@ class TrainConfig:
     log_every: int = 10
     device: str = "auto"  # auto | cpu | cuda
     resume: Optional[str] = None  # run dir or .pt to continue from
+    on_nonfinite: str = "stop"  # a NaN/inf loss or gradient: stop (keep checkpoints) or skip the step
 
     def __post_init__(self) -> None:
         positive = ("batch_size", "seq_len", "max_steps", "eval_every", "log_every")
@@ -59,6 +62,8 @@ class TrainConfig:
                 raise CharlmError(f"train.{name} must be 0 or more, got {getattr(self, name)}")
         if self.batching not in ("stream", "random"):
             raise CharlmError(f"train.batching must be stream or random, got {self.batching!r}")
+        if self.on_nonfinite not in ("stop", "skip"):
+            raise CharlmError(f"train.on_nonfinite must be stop or skip, got {self.on_nonfinite!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise CharlmError(f"train.device must be auto, cpu or cuda, got {self.device!r}")
 
@@ -89,13 +94,16 @@ def make_optimizer(model: CharLM, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 def train(cfg: "Config", out_dir: Path, resume_state: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-    """Train cfg's model on cfg's data, writing checkpoints and events to out_dir; return a summary."""
-    from torch.utils.tensorboard import SummaryWriter  # slow import; only the trainer needs it
+    """Train cfg's model on cfg's data, writing checkpoints and events to out_dir; return a summary.
 
+    Under torchrun each process trains its share of the lanes (see charlm.distributed); rank 0
+    alone evaluates, prints and writes.
+    """
     tc = cfg.train
-    device = resolve_device(tc.device)
+    ddp, device = distributed.setup(tc.batch_size, resolve_device(tc.device))
+    say = print if ddp.main else (lambda *a, **k: None)
     if tc.device == "auto":
-        print(f"device: {device} (train.device=auto{'' if device.type == 'cuda' else ', no CUDA GPU found'})")
+        say(f"device: {device} (train.device=auto{'' if device.type == 'cuda' else ', no CUDA GPU found'})")
     torch.manual_seed(cfg.seed)
 
     path = corpus_path(cfg.data)
@@ -110,45 +118,56 @@ def train(cfg: "Config", out_dir: Path, resume_state: Optional[dict[str, Any]] =
         val_data = val_data[: tc.eval_bytes]
     batches = StreamBatches(train_data, tc.batch_size, tc.seq_len) if tc.batching == "stream" else None
     if batches is None and len(train_data) < tc.seq_len:
-        random_batch(train_data, tc.batch_size, tc.seq_len, torch.Generator())  # raises the clear error
+        raise CharlmError(
+            f"the training text ({len(train_data):,} bytes) is shorter than train.seq_len={tc.seq_len};"
+            " lower train.seq_len or use more text"
+        )
 
     model = CharLM(cfg.model).to(device)
     optimizer = make_optimizer(model, tc)
     scheduler = LambdaLR(
         optimizer, partial(lr_factor, warmup=tc.warmup_steps, total=tc.max_steps, min_ratio=tc.min_lr / tc.lr)
     )
-    generator = torch.Generator().manual_seed(cfg.seed)  # random batching
+    generator = torch.Generator().manual_seed(cfg.seed)  # random batching (every rank draws alike)
+    lanes = ddp.lanes(tc.batch_size)
     step, best_val, best_step, h = 0, math.inf, 0, None
+    log_sum, skipped = 0.0, 0  # training loss summed since the last log line; skipped steps
     if resume_state is not None:
         model.load_state_dict(resume_state["model"])
         optimizer.load_state_dict(resume_state["optimizer"])
         scheduler.load_state_dict(resume_state["scheduler"])
         step, best_val, best_step = resume_state["step"], resume_state["best_val_loss"], resume_state["best_step"]
+        log_sum, skipped = resume_state["log_sum"], resume_state["skipped"]
         torch.set_rng_state(resume_state["rng"]["torch"])
+        if device.type == "cuda" and resume_state["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(resume_state["rng"]["cuda"])
         generator.set_state(resume_state["rng"]["batches"])
         if resume_state.get("hidden") is not None:
-            h = resume_state["hidden"].to(device)
-        print(f"resumed from step {step} (best val loss {best_val:.4f})")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(_to_yaml(asdict(cfg)))
-    # purge_step drops events a killed run wrote after its last checkpoint (at `step`, whose own
-    # events came before the save): no duplicated steps in the curves.
-    writer = SummaryWriter(str(out_dir), purge_step=step + 1 if resume_state else None)
+            h = resume_state["hidden"][:, lanes].to(device)
+        say(f"resumed from step {step} (best val loss {best_val:.4f})")
+    # Rank 0 writes; under DDP the others only train.
+    net = torch.nn.parallel.DistributedDataParallel(model) if ddp.world > 1 else model
+    writer = _open_writer(out_dir, cfg, resumed_at=step if resume_state else None) if ddp.main else None
 
     n_params = model.num_parameters()
     epoch_bytes = batches.n_windows * tc.batch_size * tc.seq_len if batches else len(train_data)
-    print(
+    say(
         f"{cfg.data.name}: {len(train_data):,} train / {len(val_data):,} val bytes | "
         f"model {cfg.model.d_model}x{cfg.model.n_layers} GRU, {n_params / 1e6:.2f}M params | "
         f"{tc.max_steps} steps of {tc.batch_size}x{tc.seq_len} "
-        f"({tc.max_steps * tc.batch_size * tc.seq_len / epoch_bytes:.1f} epochs) on {device} | {out_dir}"
+        f"({tc.max_steps * tc.batch_size * tc.seq_len / epoch_bytes:.1f} epochs) on {device}"
+        f"{f' x {ddp.world} processes' if ddp.world > 1 else ''} | {out_dir}"
     )
 
     def evaluate() -> dict[str, float]:
         loss, _ = evaluate_loss(model, val_data, seq_len=256, lanes=_eval_lanes(len(val_data)), device=device)
         return metrics(loss)
 
-    def save(name: str) -> None:
+    def save(*names: str) -> None:
+        """Write the whole training state (a collective under DDP: every rank must call it)."""
+        hidden = None if h is None else ddp.gather_lanes(h.detach()).cpu()
+        if not ddp.main:
+            return
         state = {
             **ckpt.model_state(model),
             "optimizer": optimizer.state_dict(),
@@ -156,98 +175,184 @@ def train(cfg: "Config", out_dir: Path, resume_state: Optional[dict[str, Any]] =
             "step": step,
             "best_val_loss": best_val,
             "best_step": best_step,
-            "rng": {"torch": torch.get_rng_state(), "batches": generator.get_state()},
-            "hidden": None if h is None else h.detach().cpu(),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
+                "batches": generator.get_state(),
+            },
+            "hidden": hidden,
+            "log_sum": log_sum,
+            "skipped": skipped,
             "config": asdict(cfg),
         }
-        ckpt.save_checkpoint(out_dir / name, state)
+        for name in names:
+            ckpt.save_checkpoint(out_dir / name, state)
 
     sample_gen = torch.Generator(device=device)
     model.train()
     start_step, t_start = step, time.perf_counter()
-    t_log, tokens_since_log, loss_sum, last_val = time.perf_counter(), 0, 0.0, None
-    bar = tqdm(total=tc.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True, file=sys.stdout)
-    while step < tc.max_steps:
-        if batches is not None:
-            k = step % batches.n_windows
-            if k == 0:
-                h = None  # a new epoch: every lane starts over at the start byte
-            x, y = batches.window(k)
-        else:
-            x, y = random_batch(train_data, tc.batch_size, tc.seq_len, generator)
-            h = None
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        log_probs, h_new = model(x, h)
-        loss = F.nll_loss(log_probs.reshape(-1, log_probs.size(-1)), y.reshape(-1))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or math.inf)
-        optimizer.step()
-        scheduler.step()
-        h = h_new.detach() if batches is not None else None
-        step += 1
-        loss_sum += loss.item()
-        tokens_since_log += x.numel()
-        bar.update(1)
-
-        if step % tc.log_every == 0 or step == tc.max_steps:
-            n = step % tc.log_every or tc.log_every
-            train_loss = loss_sum / n
-            if not math.isfinite(train_loss):
+    t_log, tokens_since_log, last_val = time.perf_counter(), 0, None
+    stop = _StopOnSignal(announce=ddp.main)
+    bar = tqdm(total=tc.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
+               file=sys.stdout, disable=not ddp.main)
+    with stop:
+        while step < tc.max_steps:
+            if batches is not None:
+                k = step % batches.n_windows
+                if k == 0:
+                    h = None  # a new epoch: every lane starts over at the start byte
+                x, y = batches.window(k)
+            else:
+                x, y = random_batch(train_data, tc.batch_size, tc.seq_len, generator)
+            x, y = x[lanes].to(device, non_blocking=True), y[lanes].to(device, non_blocking=True)
+            log_probs, h_new = net(x, h)
+            loss = F.nll_loss(log_probs.reshape(-1, log_probs.size(-1)), y.reshape(-1))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or math.inf))
+            # One all-reduce under DDP: the ranks agree on the loss and on whether to stop.
+            loss_value, stop_votes = ddp.mean([loss.item(), float(stop.signum is not None)])
+            step += 1
+            if math.isfinite(loss_value) and math.isfinite(grad_norm):
+                optimizer.step()
+                h = h_new.detach() if batches is not None else None
+                log_sum += loss_value
+            elif tc.on_nonfinite == "skip":
+                skipped += 1  # no update; the state restarts from zero
+                h = None
+                bar.write(f"step {step}: skipped, non-finite loss {loss_value} or gradient norm {grad_norm}")
+            else:
                 bar.close()
                 raise CharlmError(
-                    f"the training loss became {train_loss} at step {step}; lower train.lr or raise "
-                    "train.warmup_steps; the checkpoints written so far are untouched"
+                    f"step {step}: the loss or gradient became non-finite (loss {loss_value}, gradient norm"
+                    f" {grad_norm}); nothing was saved from it and the checkpoints in {out_dir} are as they"
+                    " were; lower train.lr, or set train.on_nonfinite=skip"
                 )
-            tok_s = tokens_since_log / (time.perf_counter() - t_log)
-            writer.add_scalar("train/loss", train_loss, step)
-            writer.add_scalar("train/bpb", train_loss / math.log(2), step)
-            writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
-            writer.add_scalar("train/grad_norm", float(grad_norm), step)
-            writer.add_scalar("train/tokens_per_sec", tok_s, step)
-            postfix = {"loss": f"{train_loss:.3f}", "tok/s": f"{tok_s:,.0f}"}
-            if last_val is not None:
-                postfix["val"] = f"{last_val:.3f}"
-            bar.set_postfix(postfix, refresh=False)
-            loss_sum, tokens_since_log, t_log = 0.0, 0, time.perf_counter()
+            scheduler.step()
+            tokens_since_log += x.numel() * ddp.world
+            bar.update(1)
 
-        if step % tc.eval_every == 0 or step == tc.max_steps:
-            m = evaluate()
-            last_val = m["loss"]
-            for key, value in m.items():
-                writer.add_scalar(f"val/{key}", value, step)
-            sample_gen.manual_seed(cfg.seed)
-            text = sample_text(model, "", tc.sample_length, temperature=0.8, generator=sample_gen)[0]
-            writer.add_text("sample", "    " + text.replace("\n", "\n    "), step)  # markdown code block
-            improved = m["loss"] < best_val
-            if improved:
-                best_val, best_step = m["loss"], step
-            save("last.pt")
-            if improved:
-                save("best.pt")
-            bar.write(
-                f"step {step}: val loss {m['loss']:.4f} | ppl {m['perplexity']:.2f} | "
-                f"{m['bpb']:.3f} bits/byte{' (best)' if improved else ''}\n    "
-                + text.strip().replace("\n", "\n    ")[:300]
-            )
-            t_log = time.perf_counter()  # tokens/s measures training, not evaluation
+            if writer and (step % tc.log_every == 0 or step == tc.max_steps):
+                tok_s = tokens_since_log / (time.perf_counter() - t_log)
+                n = step % tc.log_every or tc.log_every
+                train_loss = log_sum / n
+                writer.add_scalar("train/loss", train_loss, step)
+                writer.add_scalar("train/bpb", train_loss / math.log(2), step)
+                writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
+                writer.add_scalar("train/grad_norm", grad_norm, step)
+                writer.add_scalar("train/tokens_per_sec", tok_s, step)
+                if skipped:
+                    writer.add_scalar("train/skipped_steps", skipped, step)
+                postfix = {"loss": f"{train_loss:.3f}", "tok/s": f"{tok_s:,.0f}"}
+                if last_val is not None:
+                    postfix["val"] = f"{last_val:.3f}"
+                bar.set_postfix(postfix, refresh=False)
+                tokens_since_log, t_log = 0, time.perf_counter()
+            if step % tc.log_every == 0 or step == tc.max_steps:
+                log_sum = 0.0
+
+            if step % tc.eval_every == 0 or step == tc.max_steps:
+                improved = False
+                if ddp.main:
+                    m = evaluate()
+                    last_val = m["loss"]
+                    for key, value in m.items():
+                        writer.add_scalar(f"val/{key}", value, step)
+                    sample_gen.manual_seed(cfg.seed)
+                    text = sample_text(model, "", tc.sample_length, temperature=0.8, generator=sample_gen)[0]
+                    writer.add_text("sample", "    " + text.replace("\n", "\n    "), step)  # markdown code
+                    improved = m["loss"] < best_val
+                    if improved:
+                        best_val, best_step = m["loss"], step
+                # best.pt first: whenever last.pt exists, a best.pt does too
+                save(*(["best.pt"] if improved else []), "last.pt")
+                if writer:
+                    writer.flush()
+                if ddp.main:
+                    bar.write(
+                        f"step {step}: val loss {m['loss']:.4f} | ppl {m['perplexity']:.2f} | "
+                        f"{m['bpb']:.3f} bits/byte{' (best)' if improved else ''}\n    "
+                        + text.strip().replace("\n", "\n    ")[:300]
+                    )
+                t_log = time.perf_counter()  # tokens/s measures training, not evaluation
+
+            if stop_votes > 0 and step < tc.max_steps:
+                save("last.pt")  # the step in hand is finished; keep everything up to it
+                if writer:
+                    writer.close()
+                bar.close()
+                signum = stop.signum or signal.SIGTERM
+                say(
+                    f"\nstopped by {signal.Signals(signum).name} at step {step}; saved {out_dir}/last.pt\n"
+                    f"resume with:  python train.py train.resume={out_dir}"
+                )
+                distributed.teardown(ddp)
+                raise SystemExit(128 + signum)
     bar.close()
     elapsed = time.perf_counter() - t_start
-    final = metrics(best_val)
-    _write_hparams(writer, cfg, final)
-    writer.close()
+    if ddp.world > 1:
+        spread = ddp.weight_spread(model)
+        say(f"{ddp.world} processes agree on the weights (largest difference {spread:.2e})")
+    distributed.teardown(ddp)
     summary = {
         "steps": step,
         "seconds": elapsed,
         "steps_this_run": step - start_step,
         "best_val_loss": best_val,
-        "best_val_bpb": final["bpb"],
-        "best_val_perplexity": final["perplexity"],
         "best_step": best_step,
         "out_dir": str(out_dir),
     }
-    _print_summary(summary)
+    if writer:
+        final = metrics(best_val)
+        summary.update(best_val_bpb=final["bpb"], best_val_perplexity=final["perplexity"])
+        _write_hparams(writer, cfg, final)
+        writer.close()
+        _print_summary(summary)
     return summary
+
+
+def _open_writer(out_dir: Path, cfg: "Config", resumed_at: Optional[int]):
+    """The run directory's config.yaml and TensorBoard writer."""
+    from torch.utils.tensorboard import SummaryWriter  # slow import; only rank 0 needs it
+
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(_to_yaml(asdict(cfg)))
+    except OSError as e:
+        raise CharlmError(f"cannot create out_dir={out_dir} ({e.strerror}); choose a writable directory") from None
+    # purge_step drops events a killed run wrote after its last checkpoint (at `resumed_at`,
+    # whose own events came before the save): no duplicated steps in the curves.
+    return SummaryWriter(str(out_dir), purge_step=None if resumed_at is None else resumed_at + 1)
+
+
+class _StopOnSignal:
+    """Within `with`: Ctrl-C / SIGTERM set .signum so the loop can finish its step and save.
+
+    A second Ctrl-C stops at once (the last checkpoint stays as it was).
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, announce: bool = True) -> None:
+        self.announce = announce
+        self.signum: Optional[int] = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        if self.announce:
+            print(f"\n{signal.Signals(signum).name}: finishing this step, then saving last.pt", flush=True)
+
+    def __enter__(self) -> "_StopOnSignal":
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def _eval_lanes(n: int) -> int:

@@ -47,9 +47,11 @@ def timemachine_cache(tmp_path: Path) -> Path:
 
 def run_cli(script: str, *args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
     """Run train.py / sample.py as a user would, from cwd; returns the finished process."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    command = [sys.executable, *([script] if script == "-m" else [str(ROOT / script)]), *args]
     proc = subprocess.run(
-        [sys.executable, str(ROOT / script), *args],
+        command,
         cwd=cwd, env=env, capture_output=True, text=True, encoding="utf-8", timeout=300,
     )
     if check and proc.returncode != 0:

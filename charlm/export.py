@@ -1,0 +1,89 @@
+"""Export a trained model for deployment: python -m charlm.export checkpoint=RUN format=onnx
+
+The exported graph is one decoding step, the shape incremental decoding needs:
+
+    byte (N,) int64, hidden (n_layers, N, d_model) float32
+        -> log_probs (N, 256) float32, hidden_out (n_layers, N, d_model) float32
+
+N (the batch) is dynamic. Start with byte 0 (start of text) and a zero hidden state, feed the
+prompt one byte at a time, then feed back each chosen byte with hidden_out.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .model import CharLM
+
+
+class DecodeStep(nn.Module):
+    """One byte in, the next byte's log-probabilities and the new hidden state out."""
+
+    def __init__(self, model: CharLM):
+        super().__init__()
+        self.model = model
+
+    def forward(self, byte: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        log_probs, hidden_out = self.model(byte.unsqueeze(1), hidden)  # (N, 1, 256), (L, N, D)
+        return log_probs[:, 0], hidden_out
+
+
+def export_onnx(model: CharLM, out: str | Path, opset: int = 17) -> Path:
+    """Write model's single decoding step to out as ONNX (dynamic batch)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    step = DecodeStep(model.eval().cpu())
+    byte = torch.zeros(2, dtype=torch.long)
+    hidden = model.init_hidden(2)
+    torch.onnx.export(
+        step,
+        (byte, hidden),
+        str(out),
+        input_names=["byte", "hidden"],
+        output_names=["log_probs", "hidden_out"],
+        dynamic_axes={"byte": {0: "batch"}, "hidden": {1: "batch"},
+                      "log_probs": {0: "batch"}, "hidden_out": {1: "batch"}},
+        opset_version=opset,
+        dynamo=False,  # the TorchScript exporter maps nn.GRU to ONNX's own GRU operator
+    )
+    return out
+
+
+def main(argv: list[str]) -> None:
+    """`python -m charlm.export checkpoint=... [format=onnx] [out=...]`"""
+    from .checkpoint import latest_run, load_model, resolve_checkpoint
+    from .cli import fail
+
+    args = {}
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep or key not in ("checkpoint", "format", "out"):
+            fail(f"unknown argument {arg!r}; usage: python -m charlm.export checkpoint=RUN_DIR|FILE.pt "
+                 "[format=onnx] [out=FILE.onnx]")
+        args[key] = value
+    if args.get("format", "onnx") != "onnx":
+        fail(f"format={args['format']} is not supported; use format=onnx")
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        fail("ONNX export needs the onnx package: pip install -e '.[export]'")
+    from .errors import CharlmError
+
+    try:
+        path = resolve_checkpoint(args["checkpoint"]) if "checkpoint" in args else resolve_checkpoint(latest_run())
+        model = load_model(path)
+    except CharlmError as e:
+        fail(str(e))
+    out = Path(args.get("out") or path.parent / "model.onnx")
+    export_onnx(model, out)
+    cfg = model.config
+    print(f"wrote {out}: one decoding step of {path} ({cfg.d_model}x{cfg.n_layers} GRU)\n"
+          f"inputs  byte (N,) int64, hidden ({cfg.n_layers}, N, {cfg.d_model}) float32\n"
+          f"outputs log_probs (N, 256) float32, hidden_out ({cfg.n_layers}, N, {cfg.d_model}) float32")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,21 @@
+"""Score a text with a trained model: python evaluate.py checkpoint=RUN data=timemachine split=test
+
+The whole text is read as one stream with the hidden state carried from window to window (not
+as independent windows), so every byte is predicted from everything before it.
+"""
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from charlm.cli import check_overrides, run_evaluate
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    run_evaluate(cfg)
+
+
+if __name__ == "__main__":
+    check_overrides("evaluate", sys.argv)  # a typo'd or mistyped override: one clear line
+    main()

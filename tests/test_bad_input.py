@@ -1,0 +1,139 @@
+"""Whatever a user can type wrong gets one clear line, a non-zero exit, and nothing damaged."""
+import os
+import pickle
+
+import pytest
+import torch
+
+from conftest import TINY, run_cli
+
+
+def assert_one_line_error(proc, *words):
+    assert proc.returncode != 0, proc.stdout
+    err = proc.stderr.strip()
+    assert "Traceback" not in err, err
+    assert err.startswith("error: ") and "\n" not in err, err
+    for w in words:
+        assert w in err, err
+
+
+@pytest.fixture
+def work(tmp_path, text_file):
+    (tmp_path / "empty.txt").write_bytes(b"")
+    (tmp_path / "short.txt").write_text("too short to train on\n")
+    (tmp_path / "a_dir").mkdir()
+    (tmp_path / "a_file").write_text("x")
+    return tmp_path
+
+
+TRAIN_CASES = {
+    "missing file": (["data=text", "data.path=nope.txt"], ["nope.txt", "does not exist"]),
+    "empty file": (["data=text", "data.path=empty.txt"], ["empty.txt", "empty"]),
+    "shorter than a window": (["data=text", "data.path=short.txt"], ["too short", "train.batch_size"]),
+    "directory": (["data=text", "data.path=a_dir"], ["a_dir", "directory"]),
+    "text without path": (["data=text"], ["data.path"]),
+    "unknown corpus": (["data.name=wiki"], ["wiki", "timemachine"]),
+    "unknown key": (["train.lrr=0.1"], ["train.lrr"]),
+    "unknown group option": (["model=huge"], ["model", "huge"]),
+    "wrong type": (["train.lr=fast"], ["train.lr", "fast"]),
+    "lr zero": (["train.lr=0"], ["train.lr"]),
+    "lr negative": (["train.lr=-1"], ["train.lr"]),
+    "batch size zero": (["train.batch_size=0"], ["train.batch_size"]),
+    "seq len zero": (["train.seq_len=0"], ["train.seq_len"]),
+    "dropout one": (["model.dropout=1"], ["model.dropout"]),
+    "fractions over one": (["data.train_frac=0.9", "data.val_frac=0.2"], ["data.train_frac", "over 1"]),
+    "no val text": (["data=text", "data.path=notes.txt", "data.val_frac=0.00001"], ["no validation text"]),
+    "out_dir is a file": (["data=text", "data.path=notes.txt", "out_dir=a_file"], ["out_dir", "is a file"]),
+    "out_dir not writable": (["data=text", "data.path=notes.txt", "out_dir=/proc/charlm-run"],
+                             ["out_dir", "cannot create"]),
+    "device cuda without gpu": (["train.device=cuda"], ["no CUDA GPU", "device=auto"]),
+    "bad device": (["train.device=tpu"], ["train.device"]),
+    "resume missing": (["train.resume=runs/nothing"], ["runs/nothing", "does not exist"]),
+}
+
+
+@pytest.mark.parametrize("case", list(TRAIN_CASES))
+def test_train_bad_input(work, case):
+    if case == "device cuda without gpu" and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    args, words = TRAIN_CASES[case]
+    before = sorted(p.name for p in work.iterdir())
+    proc = run_cli("train.py", *TINY, "train.max_steps=2", *args, cwd=work, check=False)
+    assert_one_line_error(proc, *words)
+    assert sorted(p.name for p in work.iterdir()) == before  # nothing written, nothing damaged
+    assert (work / "a_file").read_text() == "x"
+
+
+def test_unreadable_file(work):
+    path = work / "secret.txt"
+    path.write_text("hidden " * 1000)
+    path.chmod(0)
+    if os.access(path, os.R_OK):
+        pytest.skip("running as root: every file is readable")
+    proc = run_cli("train.py", "data=text", "data.path=secret.txt", cwd=work, check=False)
+    assert_one_line_error(proc, "not readable")
+
+
+def test_binary_input_trains(work):
+    (work / "blob.bin").write_bytes(bytes(range(256)) * 80 + os.urandom(4000))
+    proc = run_cli("train.py", "data=text", "data.path=blob.bin", *TINY, "train.max_steps=4",
+                   "train.eval_every=4", "out_dir=bin_run", cwd=work)
+    assert (work / "bin_run" / "best.pt").is_file() and "best val loss" in proc.stdout
+
+
+def test_cpu_fallback_is_announced(work):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    proc = run_cli("train.py", "data=text", "data.path=notes.txt", *TINY, "train.max_steps=2",
+                   "train.eval_every=2", "train.device=auto", "out_dir=r", cwd=work)
+    assert "no CUDA GPU found" in proc.stdout
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+@pytest.fixture
+def bad_checkpoints(work):
+    torch.save({"model": Evil()}, work / "evil.pt")
+    (work / "notes.pt").write_text("just some text")
+    torch.save({"weights": torch.ones(3)}, work / "other.pt")
+    run_cli("train.py", "data=text", "data.path=notes.txt", *TINY, "train.max_steps=2",
+            "train.eval_every=2", "out_dir=good", cwd=work)
+    data = (work / "good" / "last.pt").read_bytes()
+    (work / "truncated.pt").write_bytes(data[: len(data) // 2])
+    state = torch.load(work / "good" / "last.pt", weights_only=True)
+    state["version"] = 99
+    torch.save(state, work / "future.pt")
+    return work
+
+
+CHECKPOINT_CASES = {
+    "evil.pt": ["evil.pt", "refused", "could run code"],
+    "notes.pt": ["notes.pt", "not a readable checkpoint"],
+    "truncated.pt": ["truncated.pt", "not a readable checkpoint"],
+    "other.pt": ["other.pt", "not a charlm checkpoint"],
+    "future.pt": ["future.pt", "version 99"],
+    "missing.pt": ["missing.pt", "does not exist"],
+}
+
+
+@pytest.mark.parametrize("name", list(CHECKPOINT_CASES))
+def test_bad_checkpoints_are_named(bad_checkpoints, name):
+    for proc in (run_cli("sample.py", f"checkpoint={name}", cwd=bad_checkpoints, check=False),
+                 run_cli("train.py", f"train.resume={name}", cwd=bad_checkpoints, check=False)):
+        assert_one_line_error(proc, *CHECKPOINT_CASES[name])
+    assert not (bad_checkpoints / "pwned").exists()  # nothing from the pickle ran
+
+
+def test_sample_long_and_non_ascii_prompts(bad_checkpoints):
+    prompt = "Zeitmaschine — 時間 " * 40  # far longer than the 32-byte training windows
+    proc = run_cli("sample.py", "checkpoint=good", f"prompt={prompt}", "length=8", "temperature=0",
+                   cwd=bad_checkpoints)
+    assert proc.stdout.startswith(prompt)
+
+
+def test_sample_bad_override_key(bad_checkpoints):
+    proc = run_cli("sample.py", "checkpoint=good", "lenght=5", cwd=bad_checkpoints, check=False)
+    assert_one_line_error(proc, "lenght")

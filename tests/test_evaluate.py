@@ -1,0 +1,57 @@
+"""python evaluate.py: bytes scored, loss, perplexity, bits per byte over a whole text."""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from charlm import load_model
+from charlm.tokenizer import START_BYTE
+from conftest import TINY, run_cli
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("eval")
+    (tmp / "notes.txt").write_text(__import__("conftest").small_text(), encoding="utf-8")
+    (tmp / "other.txt").write_text("the old fox crossed the lawn at noon; café.\n" * 40, encoding="utf-8")
+    run_cli("train.py", "data=text", "data.path=notes.txt", *TINY, "train.max_steps=30",
+            "train.eval_every=30", "out_dir=run", cwd=tmp)
+    return tmp
+
+
+def direct_loss(model, data: bytes) -> float:
+    """The whole text in one forward pass from the start byte: the definition."""
+    y = torch.tensor(list(data))
+    x = torch.cat([torch.tensor([START_BYTE]), y[:-1]])
+    with torch.no_grad():
+        log_probs, _ = model(x.unsqueeze(0))
+    return F.nll_loss(log_probs[0], y).item()
+
+
+def test_whole_file_matches_direct_computation(trained):
+    proc = run_cli("evaluate.py", "checkpoint=run", "data=text", "data.path=other.txt", "format=json", cwd=trained)
+    result = json.loads(proc.stdout)
+    data = (trained / "other.txt").read_bytes()
+    assert result["bytes"] == len(data) and result["split"] == "all"
+    expected = direct_loss(load_model(trained / "run"), data)
+    assert result["loss"] == pytest.approx(expected, abs=1e-4)
+    assert result["perplexity"] == pytest.approx(math.exp(expected), rel=1e-4)
+    assert result["bpb"] == pytest.approx(expected / math.log(2), abs=1e-4)
+
+
+def test_test_split_in_text_form(trained):
+    proc = run_cli("evaluate.py", "checkpoint=run", "data=text", "data.path=notes.txt", "split=test", cwd=trained)
+    data = (trained / "notes.txt").read_bytes()
+    n_test = len(data) - int(len(data) * 0.95)
+    assert f"bytes:       {n_test:,}" in proc.stdout
+    assert "nats/byte" in proc.stdout and "perplexity" in proc.stdout and "bits/byte" in proc.stdout
+    expected = direct_loss(load_model(trained / "run"), data[-n_test:])
+    loss = float(proc.stdout.split("loss:")[1].split()[0])
+    assert loss == pytest.approx(expected, abs=1e-4)
+
+
+def test_bad_split_is_one_line(trained):
+    proc = run_cli("evaluate.py", "checkpoint=run", "split=dev", cwd=trained, check=False)
+    assert proc.returncode == 1 and "split" in proc.stderr and "Traceback" not in proc.stderr
