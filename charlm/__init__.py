@@ -1,7 +1,15 @@
 """charlm: byte-level GRU language models in PyTorch."""
-from .checkpoint import load_model
-from .model import CharLM, ModelConfig
-from .sampling import generate, sample_text
-from .tokenizer import decode, encode
+from importlib import import_module
 
-__all__ = ["CharLM", "ModelConfig", "load_model", "generate", "sample_text", "encode", "decode"]
+# Loaded on first use, so that `import charlm.config` (and a mistyped setting) costs no torch import.
+_EXPORTS = {
+    "CharLM": "model", "ModelConfig": "config", "load_model": "checkpoint",
+    "generate": "sampling", "sample_text": "sampling", "encode": "tokenizer", "decode": "tokenizer",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'charlm' has no attribute {name!r}")

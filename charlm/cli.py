@@ -112,8 +112,6 @@ def run_train(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from .train import train
-
     def go() -> None:
         hydra_cfg = HydraConfig.get()
         if cfg.train.resume:
@@ -126,6 +124,8 @@ def run_train(cfg: DictConfig) -> None:
         out_dir = Path(config.out_dir)
         if out_dir.exists() and not out_dir.is_dir():
             raise CharlmError(f"out_dir={out_dir} is a file; give a directory")
+        from .train import train  # torch is imported only once the config is known to be good
+
         train(config, out_dir, resume_state=state)
 
     _guarded(go)
@@ -148,17 +148,21 @@ def pop_raw_args(argv: list[str], keys: tuple[str, ...]) -> dict[str, str]:
 
 def run_sample(cfg: DictConfig, raw: dict[str, str]) -> None:
     """Body of `python sample.py`; raw holds prompt/prompt_file exactly as typed."""
-    from .sample import sample
-
     def go() -> None:
-        merged = OmegaConf.merge(cfg, raw)
-        sample(_to_object(merged, SampleConfig))
+        config = _to_object(OmegaConf.merge(cfg, raw), SampleConfig)
+        from .sample import sample  # torch is imported only once the config is known to be good
+
+        sample(config)
 
     _guarded(go)
 
 
 def run_evaluate(cfg: DictConfig) -> None:
     """Body of `python evaluate.py`."""
-    from .evaluation import run_evaluation
+    def go() -> None:
+        config = _to_object(cfg, EvaluateConfig)
+        from .evaluation import run_evaluation  # torch only once the config is known to be good
 
-    _guarded(lambda: run_evaluation(_to_object(cfg, EvaluateConfig)))
+        run_evaluation(config)
+
+    _guarded(go)

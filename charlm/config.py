@@ -1,13 +1,91 @@
-"""The whole run's configuration as plain dataclasses (Hydra validates overrides against them)."""
+"""Every setting as plain dataclasses: Hydra checks overrides against them, the code reads them."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .data import DataConfig
+from .corpora import CORPORA
 from .errors import CharlmError
-from .model import ModelConfig
-from .train import TrainConfig
+
+# This module imports neither torch nor hydra, so a mistyped setting fails in a fraction of a
+# second; each dataclass below is the schema of one config group in configs/.
+
+
+@dataclass
+class DataConfig:
+    """Which text to train on and how to split it (fractions by position)."""
+
+    name: str = "timemachine"  # a key of CORPORA, or "text" for data.path
+    path: Optional[str] = None  # the file for name=text
+    cache_dir: str = "data"  # where named corpora are downloaded to
+    train_frac: float = 0.9
+    val_frac: float = 0.05  # test gets the rest
+
+    def __post_init__(self) -> None:
+        if self.name not in CORPORA and self.name != "text":
+            known = ", ".join([*CORPORA, "text"])
+            raise CharlmError(f"unknown corpus data.name={self.name!r}; choose one of: {known}")
+        if self.name == "text" and not self.path:
+            raise CharlmError("data=text needs a file: add data.path=<your text file>")
+        if not (0 < self.train_frac < 1 and 0 < self.val_frac < 1):
+            raise CharlmError("data.train_frac and data.val_frac must each be between 0 and 1")
+        if self.train_frac + self.val_frac > 1 + 1e-9:
+            raise CharlmError(
+                f"data.train_frac + data.val_frac = {self.train_frac + self.val_frac:g} is over 1;"
+                " they and the test split must share the text"
+            )
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a CharLM; stored in every checkpoint as a plain dict."""
+
+    d_model: int = 512
+    n_layers: int = 2
+    dropout: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, schedule, evaluation and device settings."""
+
+    batch_size: int = 64
+    seq_len: int = 100
+    batching: str = "stream"  # stream: lanes with the state carried; random: fresh windows
+    max_steps: int = 3000
+    lr: float = 2e-3  # peak learning rate, after warmup
+    min_lr: float = 1e-4  # reached at max_steps by cosine decay
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # max gradient norm; 0 = no clipping
+    eval_every: int = 250  # steps between val evaluations, checkpoints and samples
+    eval_bytes: int = 0  # score the first eval_bytes of val; 0 = all of it
+    sample_length: int = 200  # bytes of the sample written at each evaluation
+    log_every: int = 10
+    device: str = "auto"  # auto | cpu | cuda
+    resume: Optional[str] = None  # run dir or .pt to continue from
+    on_nonfinite: str = "stop"  # a NaN/inf loss or gradient: stop (keep checkpoints) or skip the step
+
+    def __post_init__(self) -> None:
+        positive = ("batch_size", "seq_len", "max_steps", "eval_every", "log_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise CharlmError(f"train.{name} must be at least 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise CharlmError(f"train.lr must be above 0, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise CharlmError(f"train.min_lr must be between 0 and train.lr, got {self.min_lr}")
+        for name in ("warmup_steps", "eval_bytes", "sample_length", "weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise CharlmError(f"train.{name} must be 0 or more, got {getattr(self, name)}")
+        if self.batching not in ("stream", "random"):
+            raise CharlmError(f"train.batching must be stream or random, got {self.batching!r}")
+        if self.on_nonfinite not in ("stop", "skip"):
+            raise CharlmError(f"train.on_nonfinite must be stop or skip, got {self.on_nonfinite!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise CharlmError(f"train.device must be auto, cpu or cuda, got {self.device!r}")
+
+
 
 
 def _check_model(m: ModelConfig) -> None:

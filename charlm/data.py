@@ -7,61 +7,16 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 
+from .config import DataConfig
+from .corpora import CORPORA
 from .errors import CharlmError
 from .tokenizer import START_BYTE
-
-
-@dataclass(frozen=True)
-class Corpus:
-    url: str
-    sha256: str
-    size: int
-
-
-CORPORA: dict[str, Corpus] = {
-    "timemachine": Corpus(
-        url="http://d2l-data.s3-accelerate.amazonaws.com/timemachine.txt",
-        sha256="8424dbd9532ac81f7e5f0b6add90e6952baea29158309d7d1bf3884f4e12c516",
-        size=178_979,
-    ),
-    "tinyshakespeare": Corpus(
-        url="https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
-        sha256="86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
-        size=1_115_394,
-    ),
-}
-
-
-@dataclass
-class DataConfig:
-    """Which text to train on and how to split it (fractions by position)."""
-
-    name: str = "timemachine"  # a key of CORPORA, or "text" for data.path
-    path: Optional[str] = None  # the file for name=text
-    cache_dir: str = "data"  # where named corpora are downloaded to
-    train_frac: float = 0.9
-    val_frac: float = 0.05  # test gets the rest
-
-    def __post_init__(self) -> None:
-        if self.name not in CORPORA and self.name != "text":
-            known = ", ".join([*CORPORA, "text"])
-            raise CharlmError(f"unknown corpus data.name={self.name!r}; choose one of: {known}")
-        if self.name == "text" and not self.path:
-            raise CharlmError("data=text needs a file: add data.path=<your text file>")
-        if not (0 < self.train_frac < 1 and 0 < self.val_frac < 1):
-            raise CharlmError("data.train_frac and data.val_frac must each be between 0 and 1")
-        if self.train_frac + self.val_frac > 1 + 1e-9:
-            raise CharlmError(
-                f"data.train_frac + data.val_frac = {self.train_frac + self.val_frac:g} is over 1;"
-                " they and the test split must share the text"
-            )
 
 
 def sha256_of(path: Path) -> str:

@@ -1,21 +1,12 @@
 """The byte-level GRU language model: Embedding -> GRU x n_layers -> Linear -> LogSoftmax."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
+from .config import ModelConfig
+
 VOCAB_SIZE = 256  # every UTF-8 byte; no vocabulary file, no unknown token
-
-
-@dataclass
-class ModelConfig:
-    """Architecture of a CharLM; stored in every checkpoint as a plain dict."""
-
-    d_model: int = 512
-    n_layers: int = 2
-    dropout: float = 0.0
 
 
 class CharLM(nn.Module):

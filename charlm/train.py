@@ -5,10 +5,10 @@ import math
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -17,55 +17,12 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from . import distributed
+from .config import Config, TrainConfig
 from .data import StreamBatches, corpus_path, load_bytes, random_batch, split
 from .errors import CharlmError
 from .evaluation import evaluate_loss, metrics
 from .model import CharLM
 from .sampling import sample_text
-
-if TYPE_CHECKING:
-    from .config import Config
-
-
-@dataclass
-class TrainConfig:
-    """Optimisation, schedule, evaluation and device settings."""
-
-    batch_size: int = 64
-    seq_len: int = 100
-    batching: str = "stream"  # stream: lanes with the state carried; random: fresh windows
-    max_steps: int = 3000
-    lr: float = 2e-3  # peak learning rate, after warmup
-    min_lr: float = 1e-4  # reached at max_steps by cosine decay
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0  # max gradient norm; 0 = no clipping
-    eval_every: int = 250  # steps between val evaluations, checkpoints and samples
-    eval_bytes: int = 0  # score the first eval_bytes of val; 0 = all of it
-    sample_length: int = 200  # bytes of the sample written at each evaluation
-    log_every: int = 10
-    device: str = "auto"  # auto | cpu | cuda
-    resume: Optional[str] = None  # run dir or .pt to continue from
-    on_nonfinite: str = "stop"  # a NaN/inf loss or gradient: stop (keep checkpoints) or skip the step
-
-    def __post_init__(self) -> None:
-        positive = ("batch_size", "seq_len", "max_steps", "eval_every", "log_every")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise CharlmError(f"train.{name} must be at least 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise CharlmError(f"train.lr must be above 0, got {self.lr}")
-        if not 0 <= self.min_lr <= self.lr:
-            raise CharlmError(f"train.min_lr must be between 0 and train.lr, got {self.min_lr}")
-        for name in ("warmup_steps", "eval_bytes", "sample_length", "weight_decay", "grad_clip"):
-            if getattr(self, name) < 0:
-                raise CharlmError(f"train.{name} must be 0 or more, got {getattr(self, name)}")
-        if self.batching not in ("stream", "random"):
-            raise CharlmError(f"train.batching must be stream or random, got {self.batching!r}")
-        if self.on_nonfinite not in ("stop", "skip"):
-            raise CharlmError(f"train.on_nonfinite must be stop or skip, got {self.on_nonfinite!r}")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise CharlmError(f"train.device must be auto, cpu or cuda, got {self.device!r}")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -93,7 +50,7 @@ def make_optimizer(model: CharLM, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99))
 
 
-def train(cfg: "Config", out_dir: Path, resume_state: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+def train(cfg: Config, out_dir: Path, resume_state: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Train cfg's model on cfg's data, writing checkpoints and events to out_dir; return a summary.
 
     Under torchrun each process trains its share of the lanes (see charlm.distributed); rank 0
@@ -311,7 +268,7 @@ def train(cfg: "Config", out_dir: Path, resume_state: Optional[dict[str, Any]] =
     return summary
 
 
-def _open_writer(out_dir: Path, cfg: "Config", resumed_at: Optional[int]):
+def _open_writer(out_dir: Path, cfg: Config, resumed_at: Optional[int]):
     """The run directory's config.yaml and TensorBoard writer."""
     from torch.utils.tensorboard import SummaryWriter  # slow import; only rank 0 needs it
 
@@ -366,7 +323,7 @@ def _to_yaml(d: dict) -> str:
     return OmegaConf.to_yaml(OmegaConf.create(d))
 
 
-def _write_hparams(writer, cfg: "Config", final: dict[str, float]) -> None:
+def _write_hparams(writer, cfg: Config, final: dict[str, float]) -> None:
     """Hyperparameters and final metrics into this run's own event file (TensorBoard's HParams tab)."""
     from torch.utils.tensorboard.summary import hparams
 

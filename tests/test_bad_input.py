@@ -94,8 +94,10 @@ class Evil:
         return (os.system, ("touch pwned",))
 
 
-@pytest.fixture
-def bad_checkpoints(work):
+@pytest.fixture(scope="module")
+def bad_checkpoints(tmp_path_factory):
+    work = tmp_path_factory.mktemp("checkpoints")
+    (work / "notes.txt").write_text(__import__("conftest").small_text(), encoding="utf-8")
     torch.save({"model": Evil()}, work / "evil.pt")
     (work / "notes.pt").write_text("just some text")
     torch.save({"weights": torch.ones(3)}, work / "other.pt")
@@ -121,8 +123,10 @@ CHECKPOINT_CASES = {
 
 @pytest.mark.parametrize("name", list(CHECKPOINT_CASES))
 def test_bad_checkpoints_are_named(bad_checkpoints, name):
-    for proc in (run_cli("sample.py", f"checkpoint={name}", cwd=bad_checkpoints, check=False),
-                 run_cli("train.py", f"train.resume={name}", cwd=bad_checkpoints, check=False)):
+    procs = [run_cli("sample.py", f"checkpoint={name}", cwd=bad_checkpoints, check=False)]
+    if name in ("evil.pt", "truncated.pt"):  # resuming reads checkpoints the same way
+        procs.append(run_cli("train.py", f"train.resume={name}", cwd=bad_checkpoints, check=False))
+    for proc in procs:
         assert_one_line_error(proc, *CHECKPOINT_CASES[name])
     assert not (bad_checkpoints / "pwned").exists()  # nothing from the pickle ran
 

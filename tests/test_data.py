@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from charlm import data as data_mod
-from charlm.data import CORPORA, Corpus, StreamBatches, ensure_corpus, random_batch, split
+from charlm.corpora import CORPORA, Corpus
+from charlm.data import StreamBatches, ensure_corpus, random_batch, split
 from charlm.errors import CharlmError
 from charlm.tokenizer import START_BYTE
 

@@ -41,7 +41,7 @@ def scalars(run_dir: Path, tag: str) -> list:
     return [(e.step, e.value) for e in acc.Scalars(tag)]
 
 
-@pytest.mark.parametrize("batching", ["stream", "random"])
+@pytest.mark.parametrize("batching", ["stream", pytest.param("random", marks=pytest.mark.slow)])
 def test_stop_and_resume_is_bit_exact(tmp_path, text_file, batching):
     args = (*ARGS, f"data.path={text_file}", f"train.batching={batching}", "train.max_steps=40",
             "train.eval_every=10")
@@ -76,6 +76,7 @@ def test_ctrl_c_saves_and_exits_130(tmp_path, text_file):
     assert load_checkpoint(tmp_path / "run" / "last.pt")["step"] >= 5
 
 
+@pytest.mark.slow
 def test_kill_9_at_any_moment_leaves_loadable_checkpoints(tmp_path, text_file):
     """Kill a real run at several points (checkpoints are written every step, so some kills land
     inside a write); every time both files load and the run resumes."""
