@@ -43,6 +43,7 @@ class ModelConfig:
     d_model: int = 512
     n_layers: int = 2
     dropout: float = 0.0
+    cell: str = "reset_after"  # reset_after: nn.GRU (cuDNN on CUDA); reset_before: the Trax/d2l cell
 
 
 @dataclass
@@ -95,6 +96,8 @@ def _check_model(m: ModelConfig) -> None:
         raise CharlmError(f"model.n_layers must be at least 1, got {m.n_layers}")
     if not 0 <= m.dropout < 1:
         raise CharlmError(f"model.dropout must be in [0, 1), got {m.dropout}")
+    if m.cell not in ("reset_after", "reset_before"):
+        raise CharlmError(f"model.cell must be reset_after or reset_before, got {m.cell!r}")
 
 
 @dataclass
@@ -143,8 +146,14 @@ class SampleConfig:
     seed: Optional[int] = None  # same seed, same text; default: a fresh one, printed
     num_samples: int = 1
     device: str = "cpu"
+    explain: bool = False  # per byte: the top 5 candidates and every layer's gates
+    explain_format: str = "text"  # text | json (one object per step)
 
     def __post_init__(self) -> None:
+        if self.explain_format not in ("text", "json"):
+            raise CharlmError(f"explain_format must be text or json, got {self.explain_format!r}")
+        if self.explain and self.num_samples != 1:
+            raise CharlmError("explain=true explains one sample; leave num_samples at 1")
         if self.length < 0:
             raise CharlmError(f"length must be 0 or more, got {self.length}")
         if self.temperature < 0:

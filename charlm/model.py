@@ -1,10 +1,15 @@
-"""The byte-level GRU language model: Embedding -> GRU x n_layers -> Linear -> LogSoftmax."""
+"""The byte-level GRU language model: Embedding -> GRU x n_layers -> Linear -> LogSoftmax.
+
+The GRU is nn.GRU (reset gate after the recurrent matmul, cuDNN on CUDA) or, with
+model.cell=reset_before, charlm.gru.ResetBeforeGRU (the Trax/d2l cell).
+"""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
 from .config import ModelConfig
+from .gru import ResetBeforeGRU
 
 VOCAB_SIZE = 256  # every UTF-8 byte; no vocabulary file, no unknown token
 
@@ -17,13 +22,11 @@ class CharLM(nn.Module):
         self.config = config
         self.embed = nn.Embedding(VOCAB_SIZE, config.d_model)
         # nn.GRU applies dropout between layers only; the output dropout below covers the last.
-        self.gru = nn.GRU(
-            config.d_model,
-            config.d_model,
-            num_layers=config.n_layers,
-            dropout=config.dropout if config.n_layers > 1 else 0.0,
-            batch_first=True,
-        )
+        between = config.dropout if config.n_layers > 1 else 0.0
+        if config.cell == "reset_before":
+            self.gru: nn.Module = ResetBeforeGRU(config.d_model, config.d_model, config.n_layers, between)
+        else:
+            self.gru = nn.GRU(config.d_model, config.d_model, config.n_layers, dropout=between, batch_first=True)
         self.drop = nn.Dropout(config.dropout)
         self.head = nn.Linear(config.d_model, VOCAB_SIZE)
 
@@ -37,7 +40,8 @@ class CharLM(nn.Module):
         e = self.drop(self.embed(x))  # (B, T, D)
         out, h = self.gru(e, h)  # (B, T, D), (L, B, D)
         logits = self.head(self.drop(out))  # (B, T, 256)
-        return torch.log_softmax(logits.float(), dim=-1), h
+        # at least float32 for the normalisation (a half-precision autocast would lose mass)
+        return torch.log_softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32)), h
 
     def init_hidden(self, batch_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """A zero hidden state (n_layers, batch_size, d_model): the start of a text."""

@@ -41,6 +41,17 @@ def sample(cfg: SampleConfig) -> None:
         f"temperature {cfg.temperature} | seed {seed}]",
         file=sys.stderr,
     )
+    if cfg.explain:
+        from .explain import explain_steps, format_json, format_step
+
+        text = prompt.encode("utf-8")
+        for s in explain_steps(model, prompt.encode("utf-8"), cfg.length, cfg.temperature, cfg.top_k,
+                               cfg.top_p, generator):
+            print(format_json(s) if cfg.explain_format == "json" else format_step(s) + "\n", flush=True)
+            text += bytes((s["byte"],))
+        if cfg.explain_format == "text":
+            print("text: " + text.decode("utf-8", errors="replace"))
+        return
     kwargs = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, stop=cfg.stop, generator=generator)
     if cfg.num_samples == 1:
         sys.stdout.write(prompt)
