@@ -66,6 +66,11 @@ def latest_run(root: str | Path = RUNS_DIR) -> Path:
     return max(candidates, key=lambda d: max(f.stat().st_mtime for f in d.glob("*.pt")))
 
 
+def locate_checkpoint(path: str | Path | None) -> Path:
+    """The checkpoint a user named (run directory or .pt), or else the newest run's."""
+    return resolve_checkpoint(path if path else latest_run())
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint onto the CPU without running any code from the file."""
     path = Path(path)

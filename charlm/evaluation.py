@@ -54,11 +54,11 @@ def evaluate_loss(
 
 def run_evaluation(cfg) -> dict[str, float]:
     """Body of `python evaluate.py`: score a split (or a whole file) and print the figures."""
-    from .checkpoint import latest_run, load_checkpoint, model_from_state, resolve_checkpoint
+    from .checkpoint import load_checkpoint, locate_checkpoint, model_from_state
     from .data import corpus_path, load_bytes, split
     from .train import resolve_device
 
-    path = resolve_checkpoint(cfg.checkpoint) if cfg.checkpoint else resolve_checkpoint(latest_run())
+    path = locate_checkpoint(cfg.checkpoint)
     device = resolve_device(cfg.device)
     model = model_from_state(load_checkpoint(path)).to(device)
     text_path = corpus_path(cfg.data)

@@ -63,7 +63,7 @@ def _export(step: DecodeStep, byte: torch.Tensor, hidden: torch.Tensor, out: Pat
 
 def main(argv: list[str]) -> None:
     """`python -m charlm.export checkpoint=... [format=onnx] [out=...]`"""
-    from .checkpoint import latest_run, load_model, resolve_checkpoint
+    from .checkpoint import load_model, locate_checkpoint
     from .cli import fail
 
     args = {}
@@ -82,7 +82,7 @@ def main(argv: list[str]) -> None:
     from .errors import CharlmError
 
     try:
-        path = resolve_checkpoint(args["checkpoint"]) if "checkpoint" in args else resolve_checkpoint(latest_run())
+        path = locate_checkpoint(args.get("checkpoint"))
         model = load_model(path)
     except CharlmError as e:
         fail(str(e))

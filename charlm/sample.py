@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import latest_run, load_checkpoint, model_from_state, resolve_checkpoint
+from .checkpoint import load_checkpoint, locate_checkpoint, model_from_state
 from .config import SampleConfig
 from .errors import CharlmError
 from .sampling import sample_text, stream_text
@@ -29,7 +29,7 @@ def sample(cfg: SampleConfig) -> None:
 
     With stop=..., a sample ends after the first occurrence of that text instead.
     """
-    path = resolve_checkpoint(cfg.checkpoint) if cfg.checkpoint else resolve_checkpoint(latest_run())
+    path = locate_checkpoint(cfg.checkpoint)
     state = load_checkpoint(path)
     device = resolve_device(cfg.device)
     model = model_from_state(state).to(device).eval()

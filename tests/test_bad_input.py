@@ -1,6 +1,5 @@
 """Whatever a user can type wrong gets one clear line, a non-zero exit, and nothing damaged."""
 import os
-import pickle
 
 import pytest
 import torch

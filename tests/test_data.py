@@ -2,7 +2,6 @@ import hashlib
 import http.server
 import threading
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -3,7 +3,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from charlm.explain import explain_steps, format_step
 from charlm.reference import gru_layer, gru_step
