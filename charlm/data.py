@@ -75,7 +75,10 @@ def corpus_path(cfg: DataConfig) -> Path:
 
 def load_bytes(path: str | Path) -> np.ndarray:
     """The file as a read-only uint8 array, memory-mapped (the corpus is never copied whole)."""
-    return np.memmap(path, dtype=np.uint8, mode="r")
+    try:
+        return np.memmap(path, dtype=np.uint8, mode="r")
+    except OSError as e:
+        raise CharlmError(f"cannot read {path} ({e.strerror}); check that it is a readable file") from None
 
 
 def split(data: np.ndarray, train_frac: float, val_frac: float) -> dict[str, np.ndarray]:

@@ -68,9 +68,20 @@ def test_unreadable_file(work):
     path.write_text("hidden " * 1000)
     path.chmod(0)
     if os.access(path, os.R_OK):
-        pytest.skip("running as root: every file is readable")
+        pytest.skip("running as root: every file is readable (test_unreadable_file_message covers it)")
     proc = run_cli("train.py", "data=text", "data.path=secret.txt", cwd=work, check=False)
     assert_one_line_error(proc, "not readable")
+
+
+def test_unreadable_file_message(work, monkeypatch):
+    """The same check where root can read everything: the permission test is made to say no."""
+    import charlm.data as data
+    from charlm.config import DataConfig
+    from charlm.errors import CharlmError
+
+    monkeypatch.setattr(data.os, "access", lambda p, mode: False)
+    with pytest.raises(CharlmError, match="notes.txt is not readable; check its permissions"):
+        data.corpus_path(DataConfig(name="text", path=str(work / "notes.txt")))
 
 
 def test_binary_input_trains(work):

@@ -1,6 +1,6 @@
 import torch
 
-from charlm.sampling import generate, next_byte, sample_text
+from charlm.sampling import generate, next_byte, sample_text, stream_text
 from charlm.tokenizer import START_BYTE
 from test_model import small_model
 
@@ -53,3 +53,25 @@ def test_exact_number_of_new_bytes():
     m = small_model()
     assert len(list(generate(m, b"", 17, temperature=1.0))) == 17
     assert len(list(generate(m, b"abc", 0, temperature=1.0))) == 0
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05] + [0.0] * 252])
+    lp = torch.log(probs.clamp_min(1e-30))
+    g = torch.Generator().manual_seed(0)
+    seen = {int(next_byte(lp, 1.0, None, g, top_p=0.8)) for _ in range(300)}
+    assert seen == {0, 1}  # 0.5 + 0.3 reaches 0.8: byte 2 and beyond never appear
+    assert {int(next_byte(lp, 1.0, None, g, top_p=0.01)) for _ in range(50)} == {0}
+
+
+def test_stop_ends_after_first_occurrence():
+    m = small_model()
+    full = sample_text(m, "", 60, temperature=0)[0]
+    stop = full[20:22]  # a piece the greedy text is known to contain
+    cut = sample_text(m, "", 60, temperature=0, stop=stop)[0]
+    assert cut == full[: full.index(stop) + len(stop)]
+    streamed = "".join(stream_text(m, "", 60, temperature=0, stop=stop))
+    assert streamed == cut
+    batch = sample_text(m, "", 60, temperature=1.0, stop="e", num_samples=4,
+                        generator=torch.Generator().manual_seed(0))
+    assert all(t.endswith("e") and t.count("e") == 1 or "e" not in t for t in batch)
