@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -77,15 +78,16 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        found = re.search(r"(?:unsupported|Unsupported global:) GLOBAL ([\w.]+)", str(e))
+        what = f"it names the Python object {found.group(1)}" if found else "it holds more than plain data"
         raise CharlmError(
-            f"{path} was refused: it is not a plain-data checkpoint and loading it could run code"
-            f" ({first}); only load files you trust, and retrain or convert them"
+            f"{path} was refused: {what}, so loading it could run code; nothing from it was run"
+            " (charlm reads plain-data checkpoints only)"
         ) from None
     except IsADirectoryError:
         raise CharlmError(f"{path} is a directory; give a run directory or a .pt file") from None
     except Exception as e:  # torch.load fails in many ways on a damaged or foreign file
-        detail = f"{type(e).__name__}: {e}".splitlines()[0][:120]
+        detail = f"{type(e).__name__}: {str(e).splitlines()[0].split('. ')[0]}"[:100]
         raise CharlmError(f"{path} is not a readable checkpoint (truncated or not a .pt file; {detail})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CharlmError(f"{path} is not a charlm checkpoint")
