@@ -97,7 +97,8 @@ def stream_batches(data: np.ndarray, batch_size: int, seq_len: int) -> "StreamBa
 class StreamBatches:
     """The stream cut into batch_size contiguous lanes, read in consecutive seq_len windows.
 
-        lanes (B, L+1), a start byte then L bytes of the stream each:
+        lanes (B, L+1), a start byte then L bytes of the stream each (read per window from the
+        memory-mapped stream, never copied whole):
           lane 0: 0 | s[0]      ... s[L-1]
           lane 1: 0 | s[L]      ... s[2L-1]
           ...
@@ -109,23 +110,24 @@ class StreamBatches:
     """
 
     def __init__(self, data: np.ndarray, batch_size: int, seq_len: int):
-        lane_len = len(data) // batch_size
-        self.n_windows = lane_len // seq_len
+        self.lane_len = len(data) // batch_size
+        self.n_windows = self.lane_len // seq_len
         if self.n_windows < 1:
             raise CharlmError(
                 f"the training text ({len(data):,} bytes) is too short for batch_size={batch_size}"
                 f" lanes of seq_len={seq_len}: it needs at least {batch_size * seq_len:,} bytes;"
                 " lower train.batch_size or train.seq_len, or use more text"
             )
-        lanes = np.asarray(data[: batch_size * lane_len]).reshape(batch_size, lane_len)
-        start = np.full((batch_size, 1), START_BYTE, dtype=np.uint8)
-        self.lanes = torch.from_numpy(np.concatenate([start, lanes], axis=1))  # (B, L+1) uint8
-        self.seq_len = seq_len
+        self.data, self.seq_len = data, seq_len  # data stays memory-mapped: nothing is copied whole
+        self.lane_starts = np.arange(batch_size)[:, None] * self.lane_len  # (B, 1)
 
     def window(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Window k of an epoch: x, y (B, T) int64."""
+        """Window k of an epoch: x, y (B, T) int64, read from the stream as (B, T+1) bytes."""
         t = self.seq_len
-        w = self.lanes[:, k * t : k * t + t + 1].long()
+        w = self.data[self.lane_starts + (k * t + np.arange(-1, t))]  # lane positions kT-1 .. kT+T-1
+        if k == 0:
+            w[:, 0] = START_BYTE  # position -1 of each lane: the start byte
+        w = torch.from_numpy(w).long()
         return w[:, :-1], w[:, 1:]
 
 
