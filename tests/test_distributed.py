@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from charlm.checkpoint import load_checkpoint
@@ -11,6 +12,7 @@ from conftest import ROOT, TINY, run_cli
 ARGS = (*TINY, "model.dropout=0", "train.batch_size=8", "train.max_steps=12", "train.eval_every=6")
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path, text_file):
     args = ("data=text", f"data.path={text_file}", *ARGS)
     run_cli("train.py", *args, "out_dir=single", cwd=tmp_path)
