@@ -78,15 +78,20 @@ def sample_text(model: CharLM, prompt: str, length: int, stop: str = "", **kwarg
     """
     num_samples = kwargs.get("num_samples", 1)
     stop_bytes = stop.encode("utf-8")
-    rows: list[list[int]] = [[] for _ in range(num_samples)]
-    done = [False] * num_samples
+    steps: list[torch.Tensor] = []
+    done = None  # (N,) bool: the sample's new text already holds stop
     for byte in generate(model, prompt.encode("utf-8"), length, **kwargs):
-        for i, b in enumerate(byte.tolist()):
-            if not done[i]:
-                rows[i].append(b)
-                done[i] = bool(stop_bytes) and bytes(rows[i][-len(stop_bytes):]) == stop_bytes
-        if all(done):
-            break
+        steps.append(byte)
+        if stop_bytes and len(steps) >= len(stop_bytes):  # end early once every sample holds stop
+            tail = torch.stack(steps[-len(stop_bytes):], dim=1)  # (N, len(stop))
+            hit = (tail == torch.tensor(list(stop_bytes), device=tail.device)).all(dim=1)
+            done = hit if done is None else done | hit
+            if bool(done.all()):
+                break
+    rows = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in range(num_samples)]
+    if stop_bytes:  # cut each sample just after its first occurrence of stop
+        cut = [bytes(r).find(stop_bytes) for r in rows]
+        rows = [r[: c + len(stop_bytes)] if c >= 0 else r for r, c in zip(rows, cut)]
     return [prompt + decode(row) for row in rows]
 
 

@@ -64,11 +64,12 @@ def train(cfg: Config, out_dir: Path, resume_state: Optional[dict[str, Any]] = N
     torch.manual_seed(cfg.seed)
 
     path = corpus_path(cfg.data)
-    splits = split(load_bytes(path), cfg.data.train_frac, cfg.data.val_frac)
+    text = load_bytes(path)
+    splits = split(text, cfg.data.train_frac, cfg.data.val_frac)
     train_data, val_data = splits["train"], splits["val"]
     if len(val_data) == 0:
         raise CharlmError(
-            f"{path} ({len(load_bytes(path)):,} bytes) leaves no validation text at"
+            f"{path} ({len(text):,} bytes) leaves no validation text at"
             f" data.val_frac={cfg.data.val_frac}; use a longer text or raise data.val_frac"
         )
     if tc.eval_bytes:
@@ -88,13 +89,13 @@ def train(cfg: Config, out_dir: Path, resume_state: Optional[dict[str, Any]] = N
     generator = torch.Generator().manual_seed(cfg.seed)  # random batching (every rank draws alike)
     lanes = ddp.lanes(tc.batch_size)
     step, best_val, best_step, h = 0, math.inf, 0, None
-    log_sum, skipped = 0.0, 0  # training loss summed since the last log line; skipped steps
+    log_sum, log_n, skipped = 0.0, 0, 0  # loss summed over the steps since the last log line; skipped steps
     if resume_state is not None:
         model.load_state_dict(resume_state["model"])
         optimizer.load_state_dict(resume_state["optimizer"])
         scheduler.load_state_dict(resume_state["scheduler"])
         step, best_val, best_step = resume_state["step"], resume_state["best_val_loss"], resume_state["best_step"]
-        log_sum, skipped = resume_state["log_sum"], resume_state["skipped"]
+        log_sum, log_n, skipped = resume_state["log_sum"], resume_state["log_n"], resume_state["skipped"]
         torch.set_rng_state(resume_state["rng"]["torch"])
         if device.type == "cuda" and resume_state["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(resume_state["rng"]["cuda"])
@@ -139,6 +140,7 @@ def train(cfg: Config, out_dir: Path, resume_state: Optional[dict[str, Any]] = N
             },
             "hidden": hidden,
             "log_sum": log_sum,
+            "log_n": log_n,
             "skipped": skipped,
             "config": asdict(cfg),
         }
@@ -173,7 +175,7 @@ def train(cfg: Config, out_dir: Path, resume_state: Optional[dict[str, Any]] = N
             if math.isfinite(loss_value) and math.isfinite(grad_norm):
                 optimizer.step()
                 h = h_new.detach() if batches is not None else None
-                log_sum += loss_value
+                log_sum, log_n = log_sum + loss_value, log_n + 1
             elif tc.on_nonfinite == "skip":
                 skipped += 1  # no update; the state restarts from zero
                 h = None
@@ -191,8 +193,7 @@ def train(cfg: Config, out_dir: Path, resume_state: Optional[dict[str, Any]] = N
 
             if writer and (step % tc.log_every == 0 or step == tc.max_steps):
                 tok_s = tokens_since_log / (time.perf_counter() - t_log)
-                n = step % tc.log_every or tc.log_every
-                train_loss = log_sum / n
+                train_loss = log_sum / log_n if log_n else math.nan  # nan: every step skipped
                 writer.add_scalar("train/loss", train_loss, step)
                 writer.add_scalar("train/bpb", train_loss / math.log(2), step)
                 writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
@@ -206,7 +207,7 @@ def train(cfg: Config, out_dir: Path, resume_state: Optional[dict[str, Any]] = N
                 bar.set_postfix(postfix, refresh=False)
                 tokens_since_log, t_log = 0, time.perf_counter()
             if step % tc.log_every == 0 or step == tc.max_steps:
-                log_sum = 0.0
+                log_sum, log_n = 0.0, 0
 
             if step % tc.eval_every == 0 or step == tc.max_steps:
                 improved = False
