@@ -54,6 +54,7 @@ class TrainConfig:
     seq_len: int = 100
     batching: str = "stream"  # stream: lanes with the state carried; random: fresh windows
     max_steps: int = 3000
+    max_seconds: float = 0  # a wall-clock budget from the first step, evaluations included, in place of max_steps; 0 = none
     lr: float = 2e-3  # peak learning rate, after warmup
     min_lr: float = 1e-4  # reached at max_steps by cosine decay
     warmup_steps: int = 100
@@ -64,6 +65,7 @@ class TrainConfig:
     sample_length: int = 200  # bytes of the sample written at each evaluation
     log_every: int = 10
     device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto | fp32 | bf16 (autocast); auto: bf16 where the hardware does it natively
     resume: Optional[str] = None  # run dir or .pt to continue from
     on_nonfinite: str = "stop"  # a NaN/inf loss or gradient: stop (keep checkpoints) or skip the step
 
@@ -76,6 +78,10 @@ class TrainConfig:
             raise CharlmError(f"train.lr must be above 0, got {self.lr}")
         if not 0 <= self.min_lr <= self.lr:
             raise CharlmError(f"train.min_lr must be between 0 and train.lr, got {self.min_lr}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise CharlmError(f"train.precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if not self.max_seconds >= 0:
+            raise CharlmError(f"train.max_seconds must be 0 (no budget) or more, got {self.max_seconds}")
         for name in ("warmup_steps", "eval_bytes", "sample_length", "weight_decay", "grad_clip"):
             if getattr(self, name) < 0:
                 raise CharlmError(f"train.{name} must be 0 or more, got {getattr(self, name)}")

@@ -39,14 +39,15 @@ def evaluate_loss(
         return float("nan"), 0
     was_training = model.training
     model.eval()
-    y_all = torch.from_numpy(np.array(data[: lanes * lane_len]).reshape(lanes, lane_len)).long()
-    x_all = torch.cat([torch.full((lanes, 1), START_BYTE, dtype=torch.long), y_all[:, :-1]], 1)
+    text = data[: lanes * lane_len].reshape(lanes, lane_len)  # a view: a memory-mapped text stays on disk
     total, h = 0.0, None
+    prev = torch.full((lanes, 1), START_BYTE, dtype=torch.long)  # the byte before each window
     for t in range(0, lane_len, seq_len):
-        x = x_all[:, t : t + seq_len].to(device)
-        y = y_all[:, t : t + seq_len].to(device)
-        log_probs, h = model(x, h)
-        total += F.nll_loss(log_probs.reshape(-1, log_probs.size(-1)), y.reshape(-1), reduction="sum").item()
+        y = torch.from_numpy(np.ascontiguousarray(text[:, t : t + seq_len])).long()
+        x = torch.cat([prev, y[:, :-1]], 1)
+        prev = y[:, -1:]
+        log_probs, h = model(x.to(device), h)
+        total += F.nll_loss(log_probs.reshape(-1, log_probs.size(-1)), y.to(device).reshape(-1), reduction="sum").item()
     model.train(was_training)
     n = lanes * lane_len
     return total / n, n

@@ -1,6 +1,7 @@
 """The byte-level GRU language model: Embedding -> GRU x n_layers -> Linear -> LogSoftmax.
 
-The GRU is nn.GRU (reset gate after the recurrent matmul, cuDNN on CUDA) or, with
+The GRU is nn.GRU (reset gate after the recurrent matmul, cuDNN on CUDA; on CPU in float32 its
+layers run through charlm.fused_gru, which computes the same thing faster) or, with
 model.cell=reset_before, charlm.gru.ResetBeforeGRU (the Trax/d2l cell).
 """
 from __future__ import annotations
@@ -9,6 +10,7 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
+from .fused_gru import can_fuse, fused_gru
 from .gru import ResetBeforeGRU
 
 VOCAB_SIZE = 256  # every UTF-8 byte; no vocabulary file, no unknown token
@@ -38,7 +40,7 @@ class CharLM(nn.Module):
         log_probs[:, t] is the distribution of the byte that follows x[:, t].
         """
         e = self.drop(self.embed(x))  # (B, T, D)
-        out, h = self.gru(e, h)  # (B, T, D), (L, B, D)
+        out, h = fused_gru(self.gru, e, h) if can_fuse(self.gru, e) else self.gru(e, h)  # (B, T, D), (L, B, D)
         logits = self.head(self.drop(out))  # (B, T, 256)
         # at least float32 for the normalisation (a half-precision autocast would lose mass)
         return torch.log_softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32)), h

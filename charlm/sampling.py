@@ -5,6 +5,7 @@ from typing import Iterator, Optional
 
 import torch
 
+from .gru import layer_weights
 from .model import CharLM
 from .tokenizer import START_BYTE, StreamDecoder, decode
 
@@ -39,6 +40,48 @@ def next_byte(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+class ByteStepper:
+    """One model step per new byte, for decoding: (N,) bytes, h -> (N, 256) log-probs, h.
+
+    Computes what CharLM.forward computes for a length-1 input, with less work per byte: the
+    embedding and layer 0's input projection are folded into one (256, 3D) table read by byte,
+    weights are transposed once, and nothing is allocated for a time axis. Build it after the
+    weights stop changing (it copies them).
+    """
+
+    def __init__(self, model: CharLM):
+        self.model = model
+        self.fast = isinstance(model.gru, torch.nn.GRU)  # the reset-before cell steps through forward
+        if not self.fast:
+            return
+        weights = [layer_weights(model.gru, k) for k in range(model.config.n_layers)]
+        w_ih, _, b_ih, _ = weights[0]
+        self.table = torch.addmm(b_ih, model.embed.weight, w_ih.t())  # (256, 3D): W_i x + b_i per byte
+        self.w_ih_t = [w[0].t().contiguous() for w in weights]
+        self.b_ih = [w[2] for w in weights]
+        # every layer's recurrent matmul needs only the previous state: one batched matmul for all
+        self.w_hh_t = torch.stack([w[1].t() for w in weights])  # (L, D, 3D)
+        self.b_hh = torch.stack([w[3] for w in weights]).unsqueeze(1)  # (L, 1, 3D)
+        self.head = (model.head.weight.t().contiguous(), model.head.bias)
+
+    def __call__(self, byte: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.fast:
+            log_probs, h = self.model(byte.unsqueeze(1), h)
+            return log_probs[:, -1], h
+        d = self.model.config.d_model
+        gh_all = torch.baddbmm(self.b_hh, h, self.w_hh_t)  # (L, N, 3D)
+        x = h.new_empty(0)
+        states = []
+        for k, gh in enumerate(gh_all):
+            gi = self.table[byte] if k == 0 else torch.addmm(self.b_ih[k], x, self.w_ih_t[k])
+            rz = torch.sigmoid(gi[:, : 2 * d] + gh[:, : 2 * d])
+            n = torch.tanh(torch.addcmul(gi[:, 2 * d :], rz[:, :d], gh[:, 2 * d :]))
+            x = torch.lerp(n, h[k], rz[:, d:])  # (1 - z) * n + z * h
+            states.append(x)
+        logits = torch.addmm(self.head[1], x, self.head[0])
+        return torch.log_softmax(logits, dim=-1), torch.stack(states)
+
+
 @torch.no_grad()
 def generate(
     model: CharLM,
@@ -53,20 +96,24 @@ def generate(
     """Yield `length` new bytes, one (num_samples,) tensor per step, continuing prompt.
 
     The prompt is read once, after the start byte; then each new byte costs one GRU step with
-    the hidden state carried (never a re-run of the whole sequence).
+    the hidden state carried (never a re-run of the whole sequence), and the bytes stay on the
+    model's device until the caller reads them.
     """
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
+        if length == 0:
+            return
         context = torch.tensor([START_BYTE, *prompt], dtype=torch.long, device=device)
-        x = context.unsqueeze(0).expand(num_samples, -1)  # (N, 1 + len(prompt))
-        h = None
-        for _ in range(length):
-            log_probs, h = model(x, h)
-            byte = next_byte(log_probs[:, -1], temperature, top_k, generator, top_p)  # (N,)
+        log_probs, h = model(context.unsqueeze(0).expand(num_samples, -1))  # the prompt, once
+        log_probs = log_probs[:, -1]
+        step = ByteStepper(model)
+        for i in range(length):
+            byte = next_byte(log_probs, temperature, top_k, generator, top_p)  # (N,)
             yield byte
-            x = byte.unsqueeze(1)  # (N, 1): one step per new byte
+            if i + 1 < length:
+                log_probs, h = step(byte, h)
     finally:
         model.train(was_training)
 

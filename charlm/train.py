@@ -42,6 +42,27 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def budget_lr_factor(step: int, time_frac: float, warmup: int, min_ratio: float) -> float:
+    """The schedule under train.max_seconds, where time_frac is the part of the budget used:
+    warmup ends after `warmup` steps or 5% of the budget, whichever comes first, and the cosine
+    decay runs over the budget."""
+    warm = min(1.0, max((step + 1) / max(1, warmup), time_frac / 0.05))
+    return warm * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, time_frac))))
+
+
+def resolve_precision(name: str, device: torch.device) -> tuple[bool, str]:
+    """(use bf16 autocast?, why) for train.precision=auto|fp32|bf16 on device."""
+    if name != "auto":
+        return name == "bf16", f"train.precision={name}"
+    if device.type == "cuda":
+        native = torch.cuda.is_bf16_supported()
+        return native, "auto: " + ("the GPU computes bf16 natively" if native else "this GPU lacks bf16")
+    native = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    if native:
+        return True, "auto: this CPU has bf16 matrix instructions (AMX or AVX-512 BF16)"
+    return False, "auto: this CPU has no AMX or AVX-512 BF16, so bf16 would be emulated and slower"
+
+
 def make_optimizer(model: CharLM, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW; weight decay on matrices only (not on biases)."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -83,12 +104,20 @@ def train(cfg: Config, out_dir: Path, resume_state: Optional[dict[str, Any]] = N
 
     model = CharLM(cfg.model).to(device)
     optimizer = make_optimizer(model, tc)
-    scheduler = LambdaLR(
-        optimizer, partial(lr_factor, warmup=tc.warmup_steps, total=tc.max_steps, min_ratio=tc.min_lr / tc.lr)
-    )
+    budget = tc.max_seconds
+    time_frac = [0.0]  # fraction of train.max_seconds used, which the schedule reads
+    if budget:
+        schedule = partial(budget_lr_factor, warmup=tc.warmup_steps, min_ratio=tc.min_lr / tc.lr)
+        scheduler = LambdaLR(optimizer, lambda step: schedule(step, time_frac[0]))
+    else:
+        scheduler = LambdaLR(
+            optimizer, partial(lr_factor, warmup=tc.warmup_steps, total=tc.max_steps, min_ratio=tc.min_lr / tc.lr)
+        )
+    bf16, why = resolve_precision(tc.precision, device)
+    say(f"precision: {'bf16 autocast' if bf16 else 'fp32'} ({why})")
     generator = torch.Generator().manual_seed(cfg.seed)  # random batching (every rank draws alike)
     lanes = ddp.lanes(tc.batch_size)
-    step, best_val, best_step, h = 0, math.inf, 0, None
+    step, best_val, best_step, h, spent = 0, math.inf, 0, None, 0.0  # spent: seconds trained before a resume
     log_sum, log_n, skipped = 0.0, 0, 0  # loss summed over the steps since the last log line; skipped steps
     if resume_state is not None:
         model.load_state_dict(resume_state["model"])
@@ -96,6 +125,7 @@ def train(cfg: Config, out_dir: Path, resume_state: Optional[dict[str, Any]] = N
         scheduler.load_state_dict(resume_state["scheduler"])
         step, best_val, best_step = resume_state["step"], resume_state["best_val_loss"], resume_state["best_step"]
         log_sum, log_n, skipped = resume_state["log_sum"], resume_state["log_n"], resume_state["skipped"]
+        spent = resume_state.get("seconds", 0.0)
         torch.set_rng_state(resume_state["rng"]["torch"])
         if device.type == "cuda" and resume_state["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(resume_state["rng"]["cuda"])
@@ -112,8 +142,10 @@ def train(cfg: Config, out_dir: Path, resume_state: Optional[dict[str, Any]] = N
     say(
         f"{cfg.data.name}: {len(train_data):,} train / {len(val_data):,} val bytes | "
         f"model {cfg.model.d_model}x{cfg.model.n_layers} GRU, {n_params / 1e6:.2f}M params | "
-        f"{tc.max_steps} steps of {tc.batch_size}x{tc.seq_len} "
-        f"({tc.max_steps * tc.batch_size * tc.seq_len / epoch_bytes:.1f} epochs) on {device}"
+        + (f"{budget:g} s of steps of " if budget else f"{tc.max_steps} steps of ")
+        + f"{tc.batch_size}x{tc.seq_len} "
+        + ("" if budget else f"({tc.max_steps * tc.batch_size * tc.seq_len / epoch_bytes:.1f} epochs) ")
+        + f"on {device}"
         f"{f' x {ddp.world} processes' if ddp.world > 1 else ''} | {out_dir}"
     )
 
@@ -142,6 +174,7 @@ def train(cfg: Config, out_dir: Path, resume_state: Optional[dict[str, Any]] = N
             "log_sum": log_sum,
             "log_n": log_n,
             "skipped": skipped,
+            "seconds": spent + time.perf_counter() - t_start,
             "config": asdict(cfg),
         }
         for name in names:
@@ -150,12 +183,14 @@ def train(cfg: Config, out_dir: Path, resume_state: Optional[dict[str, Any]] = N
     sample_gen = torch.Generator(device=device)
     model.train()
     start_step, t_start = step, time.perf_counter()
+    eval_seconds, eval_cost = 0.0, None  # time spent evaluating in this run; the last evaluation's cost
+    last = not budget and step >= tc.max_steps  # the step in hand is the final one
     t_log, tokens_since_log, last_val = time.perf_counter(), 0, None
     stop = _StopOnSignal(announce=ddp.main)
-    bar = tqdm(total=tc.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
+    bar = tqdm(total=None if budget else tc.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
                file=sys.stdout, disable=not ddp.main)
     with stop:
-        while step < tc.max_steps:
+        while not last:
             if batches is not None:
                 k = step % batches.n_windows
                 if k == 0:
@@ -164,8 +199,9 @@ def train(cfg: Config, out_dir: Path, resume_state: Optional[dict[str, Any]] = N
             else:
                 x, y = random_batch(train_data, tc.batch_size, tc.seq_len, generator)
             x, y = x[lanes].to(device, non_blocking=True), y[lanes].to(device, non_blocking=True)
-            log_probs, h_new = net(x, h)
-            loss = F.nll_loss(log_probs.reshape(-1, log_probs.size(-1)), y.reshape(-1))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                log_probs, h_new = net(x, h)
+                loss = F.nll_loss(log_probs.reshape(-1, log_probs.size(-1)), y.reshape(-1))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or math.inf))
@@ -187,11 +223,22 @@ def train(cfg: Config, out_dir: Path, resume_state: Optional[dict[str, Any]] = N
                     f" {grad_norm}); nothing was saved from it and the checkpoints in {out_dir} are as they"
                     " were; lower train.lr, or set train.on_nonfinite=skip"
                 )
+            if not budget:
+                last = step >= tc.max_steps
+            else:  # train.max_seconds replaces train.max_steps
+                elapsed = spent + time.perf_counter() - t_start
+                per_step = (time.perf_counter() - t_start - eval_seconds) / (step - start_step)
+                # the final evaluation must fit too; before the first one, guess it from the training speed
+                final_eval = eval_cost if eval_cost is not None else len(val_data) * per_step / x.numel() / 3
+                finish_at = budget - final_eval - per_step
+                time_frac[0] = min(1.0, elapsed / max(finish_at, 1e-9))
+                last = last or ddp.mean([float(elapsed >= finish_at)])[0] > 0  # every rank stops together
+                bar.total = step if last else step + int((finish_at - elapsed) / per_step) + 1
             scheduler.step()
             tokens_since_log += x.numel() * ddp.world
             bar.update(1)
 
-            if writer and (step % tc.log_every == 0 or step == tc.max_steps):
+            if writer and (step % tc.log_every == 0 or last):
                 tok_s = tokens_since_log / (time.perf_counter() - t_log)
                 train_loss = log_sum / log_n if log_n else math.nan  # nan: every step skipped
                 writer.add_scalar("train/loss", train_loss, step)
@@ -206,10 +253,11 @@ def train(cfg: Config, out_dir: Path, resume_state: Optional[dict[str, Any]] = N
                     postfix["val"] = f"{last_val:.3f}"
                 bar.set_postfix(postfix, refresh=False)
                 tokens_since_log, t_log = 0, time.perf_counter()
-            if step % tc.log_every == 0 or step == tc.max_steps:
+            if step % tc.log_every == 0 or last:
                 log_sum, log_n = 0.0, 0
 
-            if step % tc.eval_every == 0 or step == tc.max_steps:
+            if step % tc.eval_every == 0 or last:
+                t_eval = time.perf_counter()
                 improved = False
                 if ddp.main:
                     m = evaluate()
@@ -233,8 +281,10 @@ def train(cfg: Config, out_dir: Path, resume_state: Optional[dict[str, Any]] = N
                         + text.strip().replace("\n", "\n    ")[:300]
                     )
                 t_log = time.perf_counter()  # tokens/s measures training, not evaluation
+                eval_cost = t_log - t_eval
+                eval_seconds += eval_cost
 
-            if stop_votes > 0 and step < tc.max_steps:
+            if stop_votes > 0 and not last:
                 save("last.pt")  # the step in hand is finished; keep everything up to it
                 if writer:
                     writer.close()
@@ -247,7 +297,7 @@ def train(cfg: Config, out_dir: Path, resume_state: Optional[dict[str, Any]] = N
                 distributed.teardown(ddp)
                 raise SystemExit(128 + signum)
     bar.close()
-    elapsed = time.perf_counter() - t_start
+    elapsed = time.perf_counter() - t_start  # this run's wall time, evaluations included
     if ddp.world > 1:
         spread = ddp.weight_spread(model)
         say(f"{ddp.world} processes agree on the weights (largest difference {spread:.2e})")

@@ -1,0 +1,132 @@
+"""The fast paths compute what the plain ones do: fused GRU training, one-byte decoding, bf16,
+the time budget, the benchmark command."""
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TINY, run_cli
+
+from charlm import CharLM, ModelConfig
+from charlm.checkpoint import load_checkpoint
+from charlm.evaluation import evaluate_loss
+from charlm.fused_gru import can_fuse, fused_gru
+from charlm.sampling import ByteStepper
+from charlm.train import budget_lr_factor, resolve_precision
+
+
+@pytest.mark.parametrize("layers,dropout", [(1, 0.0), (3, 0.0), (2, 0.5)])
+def test_fused_gru_matches_nn_gru_values_and_gradients(layers, dropout):
+    torch.manual_seed(0)
+    gru = torch.nn.GRU(6, 5, layers, batch_first=True, dropout=dropout).double()
+    if dropout:
+        gru.eval()  # dropout draws differ; the maths must not
+    x = torch.randn(3, 7, 6, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(layers, 3, 5, dtype=torch.float64, requires_grad=True)
+    out_ref, h_ref = gru(x, h0)
+    out, h = fused_gru(gru, x, h0)
+    assert torch.allclose(out, out_ref, atol=1e-12) and torch.allclose(h, h_ref, atol=1e-12)
+    w_out, w_h = torch.randn_like(out), torch.randn_like(h)
+    inputs = [x, h0, *gru.parameters()]
+    g_ref = torch.autograd.grad((out_ref * w_out).sum() + (h_ref * w_h).sum(), inputs)
+    g = torch.autograd.grad((out * w_out).sum() + (h * w_h).sum(), inputs)
+    for a, b in zip(g, g_ref):
+        assert torch.allclose(a, b, atol=1e-10)
+
+
+def test_model_takes_the_fused_path_on_cpu_fp32_only():
+    m = CharLM(ModelConfig(d_model=8, n_layers=1))
+    x = torch.zeros(1, 1, 8)
+    assert can_fuse(m.gru, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not can_fuse(m.gru, x)
+    assert not can_fuse(CharLM(ModelConfig(d_model=8, n_layers=1, cell="reset_before")).gru, x)
+
+
+@pytest.mark.parametrize("cell", ["reset_after", "reset_before"])
+def test_byte_stepper_equals_a_forward_pass(cell):
+    torch.manual_seed(0)
+    m = CharLM(ModelConfig(d_model=16, n_layers=2, cell=cell)).eval()
+    x = torch.randint(0, 256, (4, 9))
+    with torch.no_grad():
+        whole, h_whole = m(x)
+        step, h = ByteStepper(m), m.init_hidden(4)
+        for t in range(9):
+            log_probs, h = step(x[:, t], h)
+            assert torch.allclose(log_probs, whole[:, t], atol=1e-5)
+    assert torch.allclose(h, h_whole, atol=1e-5)
+
+
+def test_auto_precision_follows_the_hardware():
+    bf16, why = resolve_precision("auto", torch.device("cpu"))
+    native = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    assert bf16 == native and why.startswith("auto:")
+    assert resolve_precision("fp32", torch.device("cpu"))[0] is False
+    assert resolve_precision("bf16", torch.device("cpu"))[0] is True
+
+
+@pytest.mark.slow  # bf16 is emulated on CPUs without AMX: slow there
+def test_bf16_loss_stays_within_0_02_nats_of_fp32(text_file):
+    """The same 40 steps on the same bytes, autocast bf16 against fp32."""
+    data = torch.tensor(list(text_file.read_bytes()), dtype=torch.long)
+    losses = {}
+    for bf16 in (False, True):
+        torch.manual_seed(0)
+        m = CharLM(ModelConfig(d_model=32, n_layers=1))
+        opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+        g = torch.Generator().manual_seed(0)
+        for _ in range(40):
+            starts = torch.randint(0, len(data) - 33, (16,), generator=g)
+            w = torch.stack([data[s : s + 33] for s in starts.tolist()])
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                lp, _ = m(w[:, :-1])
+                loss = F.nll_loss(lp.reshape(-1, 256), w[:, 1:].reshape(-1))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            losses[bf16] = evaluate_loss(m, np.frombuffer(text_file.read_bytes(), np.uint8), lanes=8)[0]
+    assert losses[False] < 3.0  # it learned
+    assert abs(losses[True] - losses[False]) < 0.02, losses
+
+
+def test_budget_schedule_warms_up_then_decays_over_the_budget():
+    f = lambda step, frac: budget_lr_factor(step, frac, warmup=100, min_ratio=0.1)  # noqa: E731
+    assert f(0, 0.0) < 0.05 and f(0, 0.05) == pytest.approx(1.0, abs=0.01)  # warmup ends at 5% of the budget
+    assert f(99, 0.01) == pytest.approx(1.0, abs=0.01)  # ... or after warmup steps
+    assert f(500, 0.5) == pytest.approx(0.55)
+    assert f(900, 1.0) == pytest.approx(0.1)
+
+
+def test_max_seconds_stops_in_time_and_evaluates_at_the_end(tmp_path, text_file):
+    budget = 6
+    t = time.perf_counter()
+    proc = run_cli("train.py", "data=text", f"data.path={text_file}", *TINY, "train.eval_every=100000",
+                   f"train.max_seconds={budget}", "out_dir=timed", cwd=tmp_path)
+    wall = time.perf_counter() - t
+    state = load_checkpoint(tmp_path / "timed" / "last.pt")
+    assert state["step"] > 10  # it trained for the budget, not for train.max_steps
+    assert budget * 0.6 < state["seconds"] < budget + 1.0  # evaluation included
+    assert wall < budget + 15  # plus start-up
+    assert f"step {state['step']}: val loss" in proc.stdout
+    assert "precision: fp32" in proc.stdout or "precision: bf16" in proc.stdout
+
+
+def test_bad_precision_is_one_line(tmp_path):
+    proc = run_cli("train.py", "train.precision=fp8", cwd=tmp_path, check=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == "error: train.precision must be auto, fp32 or bf16, got 'fp8'"
+
+
+@pytest.mark.slow
+def test_bench_prints_its_table(tmp_path):
+    proc = run_cli("-m", "charlm.bench", "--d-model", "16", "--batch", "4", "--seq", "8", "--steps", "1",
+                   "--reps", "2", "--sample-reps", "1", cwd=tmp_path)
+    out = proc.stdout
+    for line in ("plain nn.GRU loop", "charlm step", "ratio charlm / plain", "batch 1 ", "batch 64",
+                 "2,000 vs 500 bytes cost", "peak memory:"):
+        assert line in out, out
+    bad = run_cli("-m", "charlm.bench", "--batch", "0", cwd=tmp_path, check=False)
+    assert bad.returncode != 0 and "--batch must be at least 1" in bad.stderr
+
