@@ -142,7 +142,7 @@ def train(cfg: Config, out_dir: Path, resume_state: Optional[dict[str, Any]] = N
     say(
         f"{cfg.data.name}: {len(train_data):,} train / {len(val_data):,} val bytes | "
         f"model {cfg.model.d_model}x{cfg.model.n_layers} GRU, {n_params / 1e6:.2f}M params | "
-        + (f"{budget:g} s of steps of " if budget else f"{tc.max_steps} steps of ")
+        + (f"a {budget:g} s budget of steps of " if budget else f"{tc.max_steps} steps of ")
         + f"{tc.batch_size}x{tc.seq_len} "
         + ("" if budget else f"({tc.max_steps * tc.batch_size * tc.seq_len / epoch_bytes:.1f} epochs) ")
         + f"on {device}"
