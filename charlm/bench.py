@@ -14,6 +14,7 @@ import resource
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig, TrainConfig
+from .errors import CharlmError
 from .model import CharLM
 from .sampling import generate
 from .train import make_optimizer, resolve_device, resolve_precision
@@ -42,8 +44,6 @@ class PlainGRU(nn.Module):
 
 def _batches(n: int, batch: int, seq: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """n (x, y) batches of random windows of The Time Machine when it is in data/, else random bytes."""
-    from pathlib import Path
-
     g = torch.Generator().manual_seed(0)
     path = Path("data/timemachine.txt")
     text = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8) if path.exists() else None
@@ -131,7 +131,7 @@ def bench_training(args: argparse.Namespace, device: torch.device) -> list[str]:
 def bench_sampling(args: argparse.Namespace, device: torch.device) -> list[str]:
     torch.manual_seed(0)
     model = CharLM(ModelConfig(d_model=args.d_model, n_layers=args.layers)).to(device).eval()
-    lines = [f"sampling, temperature 0.8, hidden state carried (one GRU step per byte)"]
+    lines = ["sampling, temperature 0.8, hidden state carried (one GRU step per byte)"]
     for n in (1, 64):
         times = {}
         for length in (500, 2000):
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     try:
         device = resolve_device(args.device)
-    except Exception as e:  # CharlmError: one line
+    except CharlmError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     cpu = platform.processor() or platform.machine()
@@ -180,10 +180,9 @@ def main(argv: list[str] | None = None) -> int:
         + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f" ({cpu})")
         + f" | {torch.get_num_threads()} threads | CPU capability {torch.backends.cpu.get_cpu_capability()}"
     )
-    sections = [(name, fn) for name, fn in (("training", bench_training), ("sampling", bench_sampling))
-                if name not in args.skip]
-    for _, fn in sections:
-        print("\n".join(fn(args, device)), flush=True)
+    for name, section in (("training", bench_training), ("sampling", bench_sampling)):
+        if name not in args.skip:
+            print("\n".join(section(args, device)), flush=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     print(f"peak memory: {peak:,.0f} MiB resident"
           + (f", {torch.cuda.max_memory_allocated(device) / 2**20:,.0f} MiB on the GPU" if device.type == "cuda" else ""))

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .gru import layer_weights
+
 
 class GRULayer(torch.autograd.Function):
     """One layer over a time-major sequence: x (T, B, I), h0 (B, H) -> out (T, B, H)."""
@@ -88,8 +90,7 @@ def fused_gru(gru: nn.GRU, x: torch.Tensor, h0: torch.Tensor | None) -> tuple[to
     for k in range(gru.num_layers):
         if k > 0 and gru.dropout and gru.training:
             seq_in = F.dropout(seq_in, gru.dropout, training=True)
-        params = [getattr(gru, f"{name}_l{k}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
-        seq_in = GRULayer.apply(seq_in, h0[k], *params)
+        seq_in = GRULayer.apply(seq_in, h0[k], *layer_weights(gru, k))
         finals.append(seq_in[-1])
     return seq_in.transpose(0, 1), torch.stack(finals)
 
