@@ -43,7 +43,7 @@ def evaluate_loss(
     total, h = 0.0, None
     prev = torch.full((lanes, 1), START_BYTE, dtype=torch.long)  # the byte before each window
     for t in range(0, lane_len, seq_len):
-        y = torch.from_numpy(np.ascontiguousarray(text[:, t : t + seq_len])).long()
+        y = torch.from_numpy(text[:, t : t + seq_len].astype(np.int64))  # a copy: the map is read-only
         x = torch.cat([prev, y[:, :-1]], 1)
         prev = y[:, -1:]
         log_probs, h = model(x.to(device), h)

@@ -1,7 +1,7 @@
 """The byte-level GRU language model: Embedding -> GRU x n_layers -> Linear -> LogSoftmax.
 
 The GRU is nn.GRU (reset gate after the recurrent matmul, cuDNN on CUDA; on CPU in float32 its
-layers run through charlm.fused_gru, which computes the same thing faster) or, with
+layers run through charlm.fused_gru for training, which computes the same thing faster) or, with
 model.cell=reset_before, charlm.gru.ResetBeforeGRU (the Trax/d2l cell).
 """
 from __future__ import annotations

@@ -46,6 +46,7 @@ def test_test_split_in_text_form(trained):
     data = (trained / "notes.txt").read_bytes()
     n_test = len(data) - int(len(data) * 0.95)
     assert f"bytes:       {n_test:,}" in proc.stdout
+    assert proc.stderr == ""  # figures only: no warnings
     assert "nats/byte" in proc.stdout and "perplexity" in proc.stdout and "bits/byte" in proc.stdout
     expected = direct_loss(load_model(trained / "run"), data[-n_test:])
     loss = float(proc.stdout.split("loss:")[1].split()[0])
