@@ -49,6 +49,19 @@ def test_top_k_keeps_only_the_k_most_likely():
     assert seen <= allowed and len(seen) > 1
 
 
+def test_sampled_bytes_follow_the_distribution():
+    probs = torch.zeros(256)
+    probs[[3, 97, 200, 255]] = torch.tensor([0.1, 0.6, 0.3, 0.0])  # byte 255 (the last) has no mass
+    lp = torch.log(probs.clamp_min(1e-30)).expand(60000, 256)
+    drawn = next_byte(lp, 1.0, None, torch.Generator().manual_seed(0))
+    counts = torch.bincount(drawn, minlength=256).double() / len(drawn)
+    assert set(drawn.unique().tolist()) == {3, 97, 200}
+    assert torch.allclose(counts[[3, 97, 200]], torch.tensor([0.1, 0.6, 0.3], dtype=torch.float64), atol=0.01)
+    # temperature 0.5 squares the probabilities: 1:36:9 of 46
+    hot = torch.bincount(next_byte(lp, 0.5, None, torch.Generator().manual_seed(1)), minlength=256).double() / 60000
+    assert torch.allclose(hot[[3, 97, 200]], torch.tensor([1, 36, 9], dtype=torch.float64) / 46, atol=0.01)
+
+
 def test_exact_number_of_new_bytes():
     m = small_model()
     assert len(list(generate(m, b"", 17, temperature=1.0))) == 17
