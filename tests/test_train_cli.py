@@ -93,6 +93,18 @@ def test_text_without_path_says_what_to_add(tmp_path):
     assert "data.path" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("args, d_model, batch_size", [
+    ((), 256, 64),  # The Time Machine
+    (("data=tinyshakespeare",), 128, 32),
+    (("data=text", "data.path=notes.txt"), 256, 64),
+    (("data=tinyshakespeare", "model=small", "train=timemachine"), 256, 64),  # a choice on the command line wins
+    (("data=tinyshakespeare", "train.batch_size=8"), 128, 8),
+])
+def test_each_corpus_gets_its_tuned_model_and_schedule(tmp_path, args, d_model, batch_size):
+    cfg = yaml.safe_load(run_cli("train.py", *args, "--cfg", "job", cwd=tmp_path).stdout)
+    assert (cfg["model"]["d_model"], cfg["train"]["batch_size"]) == (d_model, batch_size)
+
+
 def test_timemachine_from_seeded_cache(tmp_path, timemachine_cache):
     proc = run_cli("train.py", "data=timemachine", f"data.cache_dir={timemachine_cache}", *TINY,
                    "train.max_steps=5", "train.eval_every=5", "train.eval_bytes=2000", "out_dir=tm", cwd=tmp_path)
