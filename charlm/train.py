@@ -205,8 +205,19 @@ def train(cfg: Config, out_dir: Path, resume_state: Optional[dict[str, Any]] = N
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or math.inf))
-            # One all-reduce under DDP: the ranks agree on the loss and on whether to stop.
-            loss_value, stop_votes = ddp.mean([loss.item(), float(stop.signum is not None)])
+            out_of_time = 0.0
+            if budget:  # train.max_seconds replaces train.max_steps
+                now = time.perf_counter()
+                elapsed = spent + now - t_start
+                per_step = (now - t_start - eval_seconds) / (step + 1 - start_step)
+                # the final evaluation must fit too; before the first one, guess it from the training speed
+                final_eval = eval_cost if eval_cost is not None else len(val_data) * per_step / x.numel() / 3
+                finish_at = budget - final_eval - per_step
+                time_frac[0] = min(1.0, elapsed / max(finish_at, 1e-9))
+                out_of_time = float(elapsed >= finish_at)
+            # One all-reduce under DDP: the ranks agree on the loss, on a signal to stop and on the
+            # time budget, so that they all stop together.
+            loss_value, stop_votes, time_votes = ddp.mean([loss.item(), float(stop.signum is not None), out_of_time])
             step += 1
             if math.isfinite(loss_value) and math.isfinite(grad_norm):
                 optimizer.step()
@@ -225,14 +236,8 @@ def train(cfg: Config, out_dir: Path, resume_state: Optional[dict[str, Any]] = N
                 )
             if not budget:
                 last = step >= tc.max_steps
-            else:  # train.max_seconds replaces train.max_steps
-                elapsed = spent + time.perf_counter() - t_start
-                per_step = (time.perf_counter() - t_start - eval_seconds) / (step - start_step)
-                # the final evaluation must fit too; before the first one, guess it from the training speed
-                final_eval = eval_cost if eval_cost is not None else len(val_data) * per_step / x.numel() / 3
-                finish_at = budget - final_eval - per_step
-                time_frac[0] = min(1.0, elapsed / max(finish_at, 1e-9))
-                last = last or ddp.mean([float(elapsed >= finish_at)])[0] > 0  # every rank stops together
+            else:
+                last = time_votes > 0
                 bar.total = step if last else step + int((finish_at - elapsed) / per_step) + 1
             scheduler.step()
             tokens_since_log += x.numel() * ddp.world

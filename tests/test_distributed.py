@@ -37,6 +37,21 @@ def test_two_processes_match_one(tmp_path, text_file):
     assert "resumed from step 12" in proc.stdout
 
 
+@pytest.mark.slow
+def test_two_processes_stop_together_on_a_time_budget(tmp_path, text_file):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(ROOT / "train.py"), "data=text", f"data.path={text_file}", *ARGS, "train.max_seconds=5",
+         "out_dir=ddp"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,  # a rank left waiting would hang
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "2 processes agree on the weights" in proc.stdout
+    state = load_checkpoint(tmp_path / "ddp" / "last.pt")
+    assert state["step"] > 12 and 3 < state["seconds"] < 6.5  # the budget, not train.max_steps, ended it
+
+
 def test_sweep_gives_one_run_per_job(tmp_path, text_file):
     proc = run_cli("train.py", "-m", "model.d_model=16,24", "data=text", f"data.path={text_file}",
                    *TINY[1:], "train.max_steps=4", "train.eval_every=4", cwd=tmp_path)
