@@ -25,7 +25,8 @@ from .config import ModelConfig, TrainConfig
 from .errors import CharlmError
 from .model import CharLM
 from .sampling import generate
-from .train import make_optimizer, resolve_device, resolve_precision
+from .device import choose_precision, resolve_device
+from .train import make_optimizer
 
 
 class PlainGRU(nn.Module):
@@ -85,7 +86,8 @@ def bench_training(args: argparse.Namespace, device: torch.device) -> list[str]:
     ours = CharLM(ModelConfig(d_model=args.d_model, n_layers=args.layers, dropout=0.0)).to(device)
     ours.load_state_dict(plain.state_dict())  # same names, same initial weights
     ours_opt = make_optimizer(ours, tc)
-    bf16, why = resolve_precision(args.precision, device)
+    precision = choose_precision(args.precision, ours, device, (args.batch, args.seq))
+    bf16, why = precision.bf16, precision.why
     batches = _batches(args.steps, args.batch, args.seq, device)
 
     def plain_steps() -> float:
@@ -98,7 +100,7 @@ def bench_training(args: argparse.Namespace, device: torch.device) -> list[str]:
 
     def our_steps() -> float:  # what charlm.train does per step
         for x, y in batches:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            with precision.autocast(device):
                 log_probs, _ = ours(x)
                 loss = F.nll_loss(log_probs.reshape(-1, 256), y.reshape(-1))
             ours_opt.zero_grad(set_to_none=True)

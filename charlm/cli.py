@@ -85,24 +85,35 @@ def _guarded(fn: Callable[[], Any]) -> Any:
 
 
 def _resume_config(cfg: DictConfig, overrides: list[str]) -> tuple[Config, dict[str, Any]]:
-    """The saved run's config with this command line's explicit key=value overrides on top."""
+    """The saved run's config with this command line's overrides on top.
+
+    Every override takes effect (train.lr included) or is refused here: a resumed run keeps its
+    text and its model's shape. Repeating the run's own choices (data=..., model=...) is fine.
+    """
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from .checkpoint import load_checkpoint, resolve_checkpoint
 
     path = resolve_checkpoint(cfg.train.resume, prefer="last.pt")
     state = load_checkpoint(path)
-    merged = OmegaConf.merge(OmegaConf.structured(Config), state["config"])
+    saved = OmegaConf.merge(OmegaConf.structured(Config), state["config"])
+    merged = saved.copy()
     for o in OverridesParser.create().parse_overrides(overrides):
         key = o.key_or_group
         if key == "train.resume":
             continue
-        if "." not in key and key not in ("seed", "out_dir"):
-            fail(f"{key}={o.value()} cannot change when resuming; a run keeps its {key}")
+        # a group choice (data=..., model=...) stands for its section as this command composes it
+        value = OmegaConf.to_container(cfg[key], resolve=True) if key in ("data", "model", "train") else o.value()
         try:
-            OmegaConf.update(merged, key, o.value(), merge=True)
+            OmegaConf.update(merged, key, value, merge=True)
         except OmegaConfBaseException as e:
             fail(f"{o.input_line}: {str(e).splitlines()[0]}")
+        fixed = {"data": ("name", "path", "train_frac", "val_frac"), "model": ("d_model", "n_layers", "cell")}
+        for section, keys in fixed.items():
+            for k in keys:
+                if merged[section][k] != saved[section][k]:
+                    fail(f"{o.input_line} would change {section}.{k} from {saved[section][k]} to"
+                         f" {merged[section][k]}, which a resumed run cannot; drop it, or start a new run")
     merged.train.resume = str(path)
     return _to_object(merged, Config), state
 
@@ -159,10 +170,13 @@ def run_sample(cfg: DictConfig, raw: dict[str, str]) -> None:
 
 def run_evaluate(cfg: DictConfig) -> None:
     """Body of `python evaluate.py`."""
+    from hydra.core.hydra_config import HydraConfig
+
     def go() -> None:
         config = _to_object(cfg, EvaluateConfig)
+        given = [o.lstrip("+~").split("=")[0].split(".")[0] for o in HydraConfig.get().overrides.task]
         from .evaluation import run_evaluation  # torch only once the config is known to be good
 
-        run_evaluation(config)
+        run_evaluation(config, data_given="data" in given)
 
     _guarded(go)

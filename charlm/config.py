@@ -61,7 +61,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0  # max gradient norm; 0 = no clipping
     eval_every: int = 250  # steps between val evaluations, checkpoints and samples
-    eval_bytes: int = 0  # score the first eval_bytes of val; 0 = all of it
+    eval_bytes: int = 262144  # each evaluation scores the first eval_bytes of val (256 KiB: seconds); 0 = all of it
     sample_length: int = 200  # bytes of the sample written at each evaluation
     log_every: int = 10
     device: str = "auto"  # auto | cpu | cuda
@@ -89,10 +89,14 @@ class TrainConfig:
             raise CharlmError(f"train.batching must be stream or random, got {self.batching!r}")
         if self.on_nonfinite not in ("stop", "skip"):
             raise CharlmError(f"train.on_nonfinite must be stop or skip, got {self.on_nonfinite!r}")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise CharlmError(f"train.device must be auto, cpu or cuda, got {self.device!r}")
+        check_device(self.device, "train.device")
 
 
+def check_device(name: str, key: str) -> None:
+    """auto, cpu, cuda or cuda:N (whether that GPU exists is checked where torch is loaded)."""
+    index = name.removeprefix("cuda:")
+    if name not in ("auto", "cpu", "cuda") and not (name.startswith("cuda:") and index.isdigit()):
+        raise CharlmError(f"{key} must be auto, cpu, cuda or cuda:N, got {name!r}")
 
 
 def _check_model(m: ModelConfig) -> None:
@@ -135,6 +139,7 @@ class EvaluateConfig:
             raise CharlmError(f"split must be train, val, test or all, got {self.split!r}")
         if self.format not in ("text", "json"):
             raise CharlmError(f"format must be text or json, got {self.format!r}")
+        check_device(self.device, "device")
 
 
 @dataclass
@@ -172,3 +177,4 @@ class SampleConfig:
             raise CharlmError(f"num_samples must be at least 1, got {self.num_samples}")
         if self.prompt and self.prompt_file:
             raise CharlmError("give prompt= or prompt_file=, not both")
+        check_device(self.device, "device")

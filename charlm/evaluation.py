@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 
 import numpy as np
@@ -11,6 +12,18 @@ import torch.nn.functional as F
 
 from .model import CharLM
 from .tokenizer import START_BYTE
+
+
+EVAL_LANES_MAX = 64
+
+
+def training_eval_lanes(n: int) -> int:
+    """Lanes for the evaluations during training: each at least 1 KiB, at most 64 of them.
+
+    Each lane starts from a zero state, which costs a little context at 64 places; evaluate.py
+    reads its split as one stream (lanes=1), exactly.
+    """
+    return max(1, min(EVAL_LANES_MAX, n // 1024))
 
 
 def metrics(loss: float) -> dict[str, float]:
@@ -53,20 +66,41 @@ def evaluate_loss(
     return total / n, n
 
 
-def run_evaluation(cfg) -> dict[str, float]:
-    """Body of `python evaluate.py`: score a split (or a whole file) and print the figures."""
+def run_evaluation(cfg, data_given: bool = True) -> dict[str, float]:
+    """Body of `python evaluate.py`: score a split (or a whole file) and print the figures.
+
+    Without data= on the command line (data_given False), the checkpoint's own corpus is scored.
+    """
     from .checkpoint import load_checkpoint, locate_checkpoint, model_from_state
+    from .config import DataConfig
     from .data import corpus_path, load_bytes, split
-    from .train import resolve_device
+    from .device import resolve_device
+    from .errors import CharlmError
 
     path = locate_checkpoint(cfg.checkpoint)
     device = resolve_device(cfg.device)
-    model = model_from_state(load_checkpoint(path)).to(device)
-    text_path = corpus_path(cfg.data)
+    state = load_checkpoint(path)
+    model = model_from_state(state).to(device)
+    data_cfg = cfg.data if data_given else DataConfig(**state["config"]["data"])
+    text_path = corpus_path(data_cfg)
     data = load_bytes(text_path)
-    which = cfg.split or ("all" if cfg.data.name == "text" else "test")
+    which, note = cfg.split, ""
+    if which is None and data_given and data_cfg.name == "text":
+        which = "all"  # a file of one's own: all of it
+    elif which is None:
+        parts = split(data, data_cfg.train_frac, data_cfg.val_frac)
+        which = "test" if len(parts["test"]) else "val"
+        if which == "val":
+            note = f"{data_cfg.name} has no test split (data.train_frac + data.val_frac = 1): scoring val"
     if which != "all":
-        data = split(data, cfg.data.train_frac, cfg.data.val_frac)[which]
+        data = split(data, data_cfg.train_frac, data_cfg.val_frac)[which]
+    if len(data) == 0:
+        raise CharlmError(
+            f"split={which} of {text_path} is empty at data.train_frac={data_cfg.train_frac},"
+            f" data.val_frac={data_cfg.val_frac}; choose another split (train, val, test or all)"
+        )
+    if note:
+        print(note, file=sys.stderr)
     t0 = time.perf_counter()
     loss, n = evaluate_loss(model, data, seq_len=512, lanes=1, device=device)
     result = {
@@ -78,7 +112,7 @@ def run_evaluation(cfg) -> dict[str, float]:
         "seconds": round(time.perf_counter() - t0, 3),
     }
     if cfg.format == "json":
-        print(json.dumps(result))
+        print(json.dumps(result, allow_nan=False))
     else:
         print(
             f"{text_path} [{which}] scored by {path}\n"

@@ -54,7 +54,8 @@ class ResetBeforeGRU(nn.Module):
                 xp = x_proj[:, t]
                 r, z = torch.sigmoid(torch.addmm(xp[:, : 2 * u], h, w_rz)).chunk(2, dim=1)
                 n = torch.tanh(torch.addmm(xp[:, 2 * u :], r * h, w_n))
-                h = torch.lerp(n, h, z)  # z * h + (1 - z) * n
+                # z * h + (1 - z) * n; under autocast n and z are bf16 while the state stays float32
+                h = torch.lerp(n.to(h.dtype), h, z.to(h.dtype))
                 outs.append(h)
             x = torch.stack(outs, dim=1)
             finals.append(h)

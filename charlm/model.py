@@ -40,10 +40,20 @@ class CharLM(nn.Module):
         log_probs[:, t] is the distribution of the byte that follows x[:, t].
         """
         e = self.drop(self.embed(x))  # (B, T, D)
-        out, h = fused_gru(self.gru, e, h) if can_fuse(self.gru, e) else self.gru(e, h)  # (B, T, D), (L, B, D)
+        if can_fuse(self.gru, e):
+            out, h = fused_gru(self.gru, e, h)  # (B, T, D), (L, B, D)
+        elif isinstance(self.gru, nn.GRU) and e.is_cuda and torch.is_autocast_enabled("cuda"):
+            # Autocast runs cuDNN's RNN in float16 whatever dtype it was asked for (no loss
+            # scaling, a half-precision state): this GRU stays float32 (charlm.device).
+            with torch.autocast("cuda", enabled=False):
+                out, h = self.gru(e.float(), None if h is None else h.float())
+        else:
+            out, h = self.gru(e, h)
         logits = self.head(self.drop(out))  # (B, T, 256)
-        # at least float32 for the normalisation (a half-precision autocast would lose mass)
-        return torch.log_softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32)), h
+        # at least float32 for the normalisation (a half-precision autocast would lose mass), and
+        # a float32 state to carry, whatever precision computed it
+        log_probs = torch.log_softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
+        return log_probs, h.float()
 
     def init_hidden(self, batch_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
         """A zero hidden state (n_layers, batch_size, d_model): the start of a text."""

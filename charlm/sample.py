@@ -11,7 +11,7 @@ from .checkpoint import load_checkpoint, locate_checkpoint, model_from_state
 from .config import SampleConfig
 from .errors import CharlmError
 from .sampling import sample_text, stream_text
-from .train import resolve_device
+from .device import resolve_device
 
 
 def read_prompt(cfg: SampleConfig) -> str:

@@ -19,19 +19,11 @@ from . import checkpoint as ckpt
 from . import distributed
 from .config import Config, TrainConfig
 from .data import StreamBatches, corpus_path, load_bytes, random_batch, split
+from .device import Precision, choose_precision, resolve_device
 from .errors import CharlmError
-from .evaluation import evaluate_loss, metrics
+from .evaluation import evaluate_loss, metrics, training_eval_lanes
 from .model import CharLM
 from .sampling import sample_text
-
-
-def resolve_device(name: str) -> torch.device:
-    """auto -> cuda when present, else cpu; cuda without a GPU is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise CharlmError(f"device={name} but no CUDA GPU is available; use device=cpu or device=auto")
-    return torch.device(name)
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -50,21 +42,8 @@ def budget_lr_factor(step: int, time_frac: float, warmup: int, min_ratio: float)
     return warm * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, time_frac))))
 
 
-def resolve_precision(name: str, device: torch.device) -> tuple[bool, str]:
-    """(use bf16 autocast?, why) for train.precision=auto|fp32|bf16 on device."""
-    if name != "auto":
-        return name == "bf16", f"train.precision={name}"
-    if device.type == "cuda":
-        native = torch.cuda.is_bf16_supported()
-        return native, "auto: " + ("the GPU computes bf16 natively" if native else "this GPU lacks bf16")
-    native = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
-    if native:
-        return True, "auto: this CPU has bf16 matrix instructions (AMX or AVX-512 BF16)"
-    return False, "auto: this CPU has no AMX or AVX-512 BF16, so bf16 would be emulated and slower"
-
-
 def make_optimizer(model: CharLM, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; weight decay on matrices only (not on biases)."""
+    """AdamW; weight decay on matrices only (not on biases): param_groups[0] decays, [1] does not."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -78,7 +57,7 @@ def train(cfg: Config, out_dir: Path, resume_state: Optional[dict[str, Any]] = N
     alone evaluates, prints and writes.
     """
     tc = cfg.train
-    ddp, device = distributed.setup(tc.batch_size, resolve_device(tc.device))
+    ddp, device = distributed.setup(tc.batch_size, resolve_device(tc.device, "train.device"))
     say = print if ddp.main else (lambda *a, **k: None)
     if tc.device == "auto":
         say(f"device: {device} (train.device=auto{'' if device.type == 'cuda' else ', no CUDA GPU found'})")
@@ -93,6 +72,7 @@ def train(cfg: Config, out_dir: Path, resume_state: Optional[dict[str, Any]] = N
             f"{path} ({len(text):,} bytes) leaves no validation text at"
             f" data.val_frac={cfg.data.val_frac}; use a longer text or raise data.val_frac"
         )
+    val_total = len(val_data)
     if tc.eval_bytes:
         val_data = val_data[: tc.eval_bytes]
     batches = StreamBatches(train_data, tc.batch_size, tc.seq_len) if tc.batching == "stream" else None
@@ -105,7 +85,7 @@ def train(cfg: Config, out_dir: Path, resume_state: Optional[dict[str, Any]] = N
     model = CharLM(cfg.model).to(device)
     optimizer = make_optimizer(model, tc)
     budget = tc.max_seconds
-    time_frac = [0.0]  # fraction of train.max_seconds used, which the schedule reads
+    time_frac = [0.0]  # fraction of train.max_seconds used (rank 0's clock), which the schedule reads
     if budget:
         schedule = partial(budget_lr_factor, warmup=tc.warmup_steps, min_ratio=tc.min_lr / tc.lr)
         scheduler = LambdaLR(optimizer, lambda step: schedule(step, time_frac[0]))
@@ -113,26 +93,26 @@ def train(cfg: Config, out_dir: Path, resume_state: Optional[dict[str, Any]] = N
         scheduler = LambdaLR(
             optimizer, partial(lr_factor, warmup=tc.warmup_steps, total=tc.max_steps, min_ratio=tc.min_lr / tc.lr)
         )
-    bf16, why = resolve_precision(tc.precision, device)
-    say(f"precision: {'bf16 autocast' if bf16 else 'fp32'} ({why})")
-    generator = torch.Generator().manual_seed(cfg.seed)  # random batching (every rank draws alike)
     lanes = ddp.lanes(tc.batch_size)
+    precision = _precision(tc, model, device, ddp, (lanes.stop - lanes.start, tc.seq_len), resume_state)
+    say(f"precision: {precision.name} ({precision.why}) | {precision.parts(cfg.model.cell, device)}")
+    if ddp.world > 1:  # its own dropout masks on each rank; the batch order below stays shared
+        torch.manual_seed(distributed.dropout_seed(cfg.seed, ddp.rank))
+    generator = torch.Generator().manual_seed(cfg.seed)  # random batching (every rank draws alike)
     step, best_val, best_step, h, spent = 0, math.inf, 0, None, 0.0  # spent: seconds trained before a resume
     log_sum, log_n, skipped = 0.0, 0, 0  # loss summed over the steps since the last log line; skipped steps
     if resume_state is not None:
         model.load_state_dict(resume_state["model"])
         optimizer.load_state_dict(resume_state["optimizer"])
         scheduler.load_state_dict(resume_state["scheduler"])
+        _apply_rates(optimizer, scheduler, tc, resume_state["config"]["train"])
         step, best_val, best_step = resume_state["step"], resume_state["best_val_loss"], resume_state["best_step"]
         log_sum, log_n, skipped = resume_state["log_sum"], resume_state["log_n"], resume_state["skipped"]
         spent = resume_state.get("seconds", 0.0)
-        torch.set_rng_state(resume_state["rng"]["torch"])
-        if device.type == "cuda" and resume_state["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(resume_state["rng"]["cuda"])
+        _restore_rng(resume_state["rng"], ddp, device, cfg.seed, step)
         generator.set_state(resume_state["rng"]["batches"])
-        if resume_state.get("hidden") is not None:
-            h = resume_state["hidden"][:, lanes].to(device)
-        say(f"resumed from step {step} (best val loss {best_val:.4f})")
+        h, note = _resumed_lanes(resume_state, tc, lanes, device)
+        say(f"resumed from step {step} (best val loss {best_val:.4f}){note}")
     # Rank 0 writes; under DDP the others only train.
     net = torch.nn.parallel.DistributedDataParallel(model) if ddp.world > 1 else model
     writer = _open_writer(out_dir, cfg, resumed_at=step if resume_state else None) if ddp.main else None
@@ -140,7 +120,7 @@ def train(cfg: Config, out_dir: Path, resume_state: Optional[dict[str, Any]] = N
     n_params = model.num_parameters()
     epoch_bytes = batches.n_windows * tc.batch_size * tc.seq_len if batches else len(train_data)
     say(
-        f"{cfg.data.name}: {len(train_data):,} train / {len(val_data):,} val bytes | "
+        f"{cfg.data.name}: {len(train_data):,} train / {_val_scored(len(val_data), val_total)} val bytes | "
         f"model {cfg.model.d_model}x{cfg.model.n_layers} GRU, {n_params / 1e6:.2f}M params | "
         + (f"a {budget:g} s budget of steps of " if budget else f"{tc.max_steps} steps of ")
         + f"{tc.batch_size}x{tc.seq_len} "
@@ -150,12 +130,15 @@ def train(cfg: Config, out_dir: Path, resume_state: Optional[dict[str, Any]] = N
     )
 
     def evaluate() -> dict[str, float]:
-        loss, _ = evaluate_loss(model, val_data, seq_len=256, lanes=_eval_lanes(len(val_data)), device=device)
+        loss, _ = evaluate_loss(model, val_data, seq_len=256, lanes=training_eval_lanes(len(val_data)),
+                                device=device)
         return metrics(loss)
 
     def save(*names: str) -> None:
         """Write the whole training state (a collective under DDP: every rank must call it)."""
         hidden = None if h is None else ddp.gather_lanes(h.detach()).cpu()
+        ranks_rng = ddp.gather_states(torch.get_rng_state())  # each rank's dropout stream
+        ranks_cuda = ddp.gather_states(torch.cuda.get_rng_state(device)) if device.type == "cuda" else []
         if not ddp.main:
             return
         state = {
@@ -169,7 +152,9 @@ def train(cfg: Config, out_dir: Path, resume_state: Optional[dict[str, Any]] = N
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
                 "batches": generator.get_state(),
+                "ranks": [{"torch": t, "cuda": c} for t, c in zip(ranks_rng, ranks_cuda or [None] * ddp.world)],
             },
+            "precision": {"bf16": precision.bf16, "why": precision.why},
             "hidden": hidden,
             "log_sum": log_sum,
             "log_n": log_n,
@@ -199,7 +184,7 @@ def train(cfg: Config, out_dir: Path, resume_state: Optional[dict[str, Any]] = N
             else:
                 x, y = random_batch(train_data, tc.batch_size, tc.seq_len, generator)
             x, y = x[lanes].to(device, non_blocking=True), y[lanes].to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            with precision.autocast(device):
                 log_probs, h_new = net(x, h)
                 loss = F.nll_loss(log_probs.reshape(-1, log_probs.size(-1)), y.reshape(-1))
             optimizer.zero_grad(set_to_none=True)
@@ -215,9 +200,12 @@ def train(cfg: Config, out_dir: Path, resume_state: Optional[dict[str, Any]] = N
                 finish_at = budget - final_eval - per_step
                 time_frac[0] = min(1.0, elapsed / max(finish_at, 1e-9))
                 out_of_time = float(elapsed >= finish_at)
-            # One all-reduce under DDP: the ranks agree on the loss, on a signal to stop and on the
-            # time budget, so that they all stop together.
-            loss_value, stop_votes, time_votes = ddp.mean([loss.item(), float(stop.signum is not None), out_of_time])
+            # One all-reduce under DDP: the ranks average the loss and the votes to stop on a signal,
+            # and take rank 0's clock (the part of the budget used, whether it has run out), so that
+            # their schedules match step for step and they all stop together.
+            (loss_value, stop_votes), (time_frac[0], out_of_time) = ddp.agree(
+                [loss.item(), float(stop.signum is not None)], [time_frac[0], out_of_time]
+            )
             step += 1
             if math.isfinite(loss_value) and math.isfinite(grad_norm):
                 optimizer.step()
@@ -237,7 +225,7 @@ def train(cfg: Config, out_dir: Path, resume_state: Optional[dict[str, Any]] = N
             if not budget:
                 last = step >= tc.max_steps
             else:
-                last = time_votes > 0
+                last = out_of_time > 0
                 bar.total = step if last else step + int((finish_at - elapsed) / per_step) + 1
             scheduler.step()
             tokens_since_log += x.numel() * ddp.world
@@ -275,6 +263,9 @@ def train(cfg: Config, out_dir: Path, resume_state: Optional[dict[str, Any]] = N
                     improved = m["loss"] < best_val
                     if improved:
                         best_val, best_step = m["loss"], step
+                    # curves of the best so far: the HParams tab reads their last points
+                    writer.add_scalar("val/best_loss", best_val, step)
+                    writer.add_scalar("val/best_bpb", best_val / math.log(2), step)
                 # best.pt first: whenever last.pt exists, a best.pt does too
                 save(*(["best.pt"] if improved else []), "last.pt")
                 if writer:
@@ -305,7 +296,8 @@ def train(cfg: Config, out_dir: Path, resume_state: Optional[dict[str, Any]] = N
     elapsed = time.perf_counter() - t_start  # this run's wall time, evaluations included
     if ddp.world > 1:
         spread = ddp.weight_spread(model)
-        say(f"{ddp.world} processes agree on the weights (largest difference {spread:.2e})")
+        say(f"{ddp.world} processes {'hold identical weights' if spread == 0 else 'DISAGREE on the weights'}:"
+            f" largest difference between them {spread:.3g}")
     distributed.teardown(ddp)
     summary = {
         "steps": step,
@@ -368,9 +360,64 @@ class _StopOnSignal:
             signal.signal(sig, handler)
 
 
-def _eval_lanes(n: int) -> int:
-    """Lanes for evaluation: each at least 1 KiB long, at most 64 of them."""
-    return max(1, min(64, n // 1024))
+def _val_scored(scored: int, total: int) -> str:
+    """How much of the validation split each evaluation scores, for the header."""
+    if scored == total:
+        return f"{total:,}"
+    return f"{total:,} (each evaluation scores the first {scored:,}: train.eval_bytes)"
+
+
+def _precision(
+    tc: TrainConfig, model: CharLM, device: torch.device, ddp: distributed.Dist, batch: tuple[int, int],
+    resume_state: Optional[dict[str, Any]],
+) -> Precision:
+    """train.precision for this run: auto is decided once, by rank 0, and a resume keeps the decision."""
+    saved = (resume_state or {}).get("precision")
+    if tc.precision == "auto" and saved is not None:
+        why = saved["why"].removeprefix("auto: ")
+        return Precision(saved["bf16"], f"auto, as decided when the run started: {why}")
+    chosen = choose_precision(tc.precision, model, device, batch) if ddp.main else Precision(False, "")
+    (bf16,) = ddp.from_main([float(chosen.bf16)])  # every rank trains in rank 0's choice
+    return Precision(bool(bf16), chosen.why or "rank 0's choice")
+
+
+def _apply_rates(optimizer: torch.optim.Optimizer, scheduler: LambdaLR, tc: TrainConfig, saved: dict) -> None:
+    """After loading a checkpoint's optimizer and scheduler: train.lr and train.weight_decay as now
+    set take effect (the schedule continues at the same point, scaled to the new peak)."""
+    scale = tc.lr / saved["lr"]
+    scheduler.base_lrs = [tc.lr] * len(optimizer.param_groups)
+    for group in optimizer.param_groups:
+        group["initial_lr"] = tc.lr
+        group["lr"] *= scale
+    optimizer.param_groups[0]["weight_decay"] = tc.weight_decay  # the matrices (make_optimizer)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def _restore_rng(rng: dict[str, Any], ddp: distributed.Dist, device: torch.device, seed: int, step: int) -> None:
+    """Each rank's dropout stream as saved; a new number of processes starts new streams."""
+    ranks = rng.get("ranks") or [{"torch": rng["torch"], "cuda": None}]
+    if len(ranks) == ddp.world:
+        torch.set_rng_state(ranks[ddp.rank]["torch"])
+        if device.type == "cuda" and ranks[ddp.rank]["cuda"] is not None:
+            torch.cuda.set_rng_state(ranks[ddp.rank]["cuda"], device)
+        elif device.type == "cuda" and ddp.world == 1 and rng.get("cuda"):
+            torch.cuda.set_rng_state_all(rng["cuda"])
+    else:
+        torch.manual_seed(distributed.dropout_seed(seed + step, ddp.rank))
+
+
+def _resumed_lanes(
+    state: dict[str, Any], tc: TrainConfig, lanes: slice, device: torch.device
+) -> tuple[Optional[torch.Tensor], str]:
+    """This rank's lanes of the saved hidden state, or None (and why) where they no longer fit."""
+    saved = state["config"]["train"]
+    if state.get("hidden") is None:
+        return None, ""
+    changed = [f"train.{k} {saved[k]} -> {getattr(tc, k)}" for k in ("batch_size", "seq_len", "batching")
+               if saved[k] != getattr(tc, k)]
+    if changed:  # the windows now cut the text elsewhere: a carried state would belong to other text
+        return None, f"; {', '.join(changed)}: every lane restarts from a zero state"
+    return state["hidden"][:, lanes].to(device), ""
 
 
 def _to_yaml(d: dict) -> str:
@@ -388,13 +435,13 @@ def _write_hparams(writer, cfg: Config, final: dict[str, float]) -> None:
         for key, value in asdict(getattr(cfg, section)).items():
             flat[f"{section}.{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
     flat["seed"] = cfg.seed
-    metric = {f"hparam/best_val_{k}": v for k, v in final.items()}
+    # The metrics are the val/best_* curves logged at every evaluation: no single-point cards of
+    # their own, which TensorBoard's Time Series tab would show above the loss curves.
+    metric = {"val/best_loss": final["loss"], "val/best_bpb": final["bpb"]}
     exp, ssi, sei = hparams(flat, metric)
     fw = writer._get_file_writer()
     for summary in (exp, ssi, sei):
         fw.add_summary(summary)
-    for key, value in metric.items():
-        writer.add_scalar(key, value)
 
 
 def _print_summary(s: dict[str, Any]) -> None:

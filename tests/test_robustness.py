@@ -132,7 +132,7 @@ def _train_in_process(tmp_path, text_file, nan_at, **train_overrides):
         data=DataConfig(name="text", path=str(text_file)),
         model=ModelConfig(d_model=16, n_layers=1),
         train=tr.TrainConfig(batch_size=4, seq_len=16, max_steps=12, eval_every=5, log_every=1,
-                             sample_length=5, warmup_steps=1, **train_overrides),
+                             sample_length=5, warmup_steps=1, precision="fp32", **train_overrides),
     )
     calls = {"n": 0}
     real = tr.F.nll_loss

@@ -13,7 +13,7 @@ from charlm.checkpoint import load_checkpoint
 from charlm.evaluation import evaluate_loss
 from charlm.fused_gru import can_fuse, fused_gru
 from charlm.sampling import ByteStepper
-from charlm.train import budget_lr_factor, resolve_precision
+from charlm.train import budget_lr_factor
 
 
 @pytest.mark.parametrize("layers,dropout", [(1, 0.0), (3, 0.0), (2, 0.5)])
@@ -58,14 +58,6 @@ def test_byte_stepper_equals_a_forward_pass(cell):
             log_probs, h = step(x[:, t], h)
             assert torch.allclose(log_probs, whole[:, t], atol=1e-5)
     assert torch.allclose(h, h_whole, atol=1e-5)
-
-
-def test_auto_precision_follows_the_hardware():
-    bf16, why = resolve_precision("auto", torch.device("cpu"))
-    native = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
-    assert bf16 == native and why.startswith("auto:")
-    assert resolve_precision("fp32", torch.device("cpu"))[0] is False
-    assert resolve_precision("bf16", torch.device("cpu"))[0] is True
 
 
 @pytest.mark.slow  # bf16 is emulated on CPUs without AMX: slow there
