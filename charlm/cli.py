@@ -98,22 +98,22 @@ def _resume_config(cfg: DictConfig, overrides: list[str]) -> tuple[Config, dict[
     state = load_checkpoint(path)
     saved = OmegaConf.merge(OmegaConf.structured(Config), state["config"])
     merged = saved.copy()
-    for o in OverridesParser.create().parse_overrides(overrides):
+    given = [o for o in OverridesParser.create().parse_overrides(overrides) if o.key_or_group != "train.resume"]
+    for o in given:
         key = o.key_or_group
-        if key == "train.resume":
-            continue
         # a group choice (data=..., model=...) stands for its section as this command composes it
         value = OmegaConf.to_container(cfg[key], resolve=True) if key in ("data", "model", "train") else o.value()
         try:
             OmegaConf.update(merged, key, value, merge=True)
         except OmegaConfBaseException as e:
             fail(f"{o.input_line}: {str(e).splitlines()[0]}")
-        fixed = {"data": ("name", "path", "train_frac", "val_frac"), "model": ("d_model", "n_layers", "cell")}
-        for section, keys in fixed.items():
-            for k in keys:
-                if merged[section][k] != saved[section][k]:
-                    fail(f"{o.input_line} would change {section}.{k} from {saved[section][k]} to"
-                         f" {merged[section][k]}, which a resumed run cannot; drop it, or start a new run")
+    fixed = {"data": ("name", "path", "train_frac", "val_frac"), "model": ("d_model", "n_layers", "cell")}
+    for section, keys in fixed.items():
+        for k in keys:
+            if merged[section][k] != saved[section][k]:
+                culprit = [o.input_line for o in given if o.key_or_group in (section, f"{section}.{k}")][-1]
+                fail(f"{culprit} would change {section}.{k} from {saved[section][k]} to {merged[section][k]},"
+                     " which a resumed run cannot; drop it, or start a new run")
     merged.train.resume = str(path)
     return _to_object(merged, Config), state
 

@@ -4,6 +4,8 @@ import os
 import pytest
 import torch
 
+from charlm import load_model
+from charlm.sampling import sample_text
 from conftest import TINY, run_cli
 
 
@@ -47,6 +49,8 @@ TRAIN_CASES = {
                              ["out_dir", "cannot create"]),
     "device cuda without gpu": (["train.device=cuda"], ["no CUDA GPU", "device=auto"]),
     "bad device": (["train.device=tpu"], ["train.device"]),
+    "bad device index": (["train.device=cuda:x"], ["train.device", "cuda:N"]),
+    "bad precision": (["train.precision=fp16"], ["train.precision", "bf16"]),
     "resume missing": (["train.resume=runs/nothing"], ["runs/nothing", "does not exist"]),
 }
 
@@ -146,8 +150,41 @@ def test_sample_long_and_non_ascii_prompts(bad_checkpoints):
     proc = run_cli("sample.py", "checkpoint=good", f"prompt={prompt}", "length=8", "temperature=0",
                    cwd=bad_checkpoints)
     assert proc.stdout.startswith(prompt)
+    expected = sample_text(load_model(bad_checkpoints / "good"), prompt, 8, temperature=0)[0]
+    assert proc.stdout[:-1] == expected  # the whole prompt was read: the same continuation
 
 
 def test_sample_bad_override_key(bad_checkpoints):
     proc = run_cli("sample.py", "checkpoint=good", "lenght=5", cwd=bad_checkpoints, check=False)
     assert_one_line_error(proc, "lenght")
+
+
+OTHER_CASES = {
+    "sample on a tpu": (["sample.py", "checkpoint=good", "device=tpu"], ["device", "auto, cpu, cuda"]),
+    "evaluate on a tpu": (["evaluate.py", "checkpoint=good", "device=tpu"], ["device", "auto, cpu, cuda"]),
+    "sample on a missing GPU": (["sample.py", "checkpoint=good", "device=cuda"], ["no CUDA GPU", "device=cpu"]),
+    "evaluate on a missing GPU": (["evaluate.py", "checkpoint=good", "device=cuda:1"], ["no CUDA GPU"]),
+    "evaluate an empty split": (["evaluate.py", "checkpoint=good", "data=text", "data.path=notes.txt",
+                                 "data.train_frac=0.8", "data.val_frac=0.2", "split=test"], ["split=test", "empty"]),
+    "evaluate a missing file": (["evaluate.py", "checkpoint=good", "data=text", "data.path=nope.txt"], ["nope.txt"]),
+    "resume on other text": (["train.py", "train.resume=good", "data=timemachine"], ["data.name", "text", "timemachine"]),
+    "resume another size": (["train.py", "train.resume=good", "model.d_model=64"], ["model.d_model", "32", "64"]),
+    "resume another model group": (["train.py", "train.resume=good", "model=reference"], ["model.d_model", "512"]),
+    "resume another cell": (["train.py", "train.resume=good", "model.cell=reset_before"], ["model.cell"]),
+    "resume another split": (["train.py", "train.resume=good", "data.train_frac=0.5"], ["data.train_frac"]),
+    "resume a typo": (["train.py", "train.resume=good", "train.lrr=1"], ["train.lrr"]),
+    "resume a bad value": (["train.py", "train.resume=good", "train.lr=-1"], ["train.lr"]),
+    "resume on a missing GPU": (["train.py", "train.resume=good", "train.device=cuda"], ["no CUDA GPU"]),
+    "doctor with arguments": (["-m", "charlm.doctor", "fast=true"], ["takes no arguments"]),
+}
+
+
+@pytest.mark.parametrize("case", list(OTHER_CASES))
+def test_other_commands_bad_input(bad_checkpoints, case):
+    if "GPU" in case and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    args, words = OTHER_CASES[case]
+    before = {p: p.stat().st_mtime_ns for p in bad_checkpoints.rglob("*")}
+    proc = run_cli(*args, cwd=bad_checkpoints, check=False)
+    assert_one_line_error(proc, *words)
+    assert {p: p.stat().st_mtime_ns for p in bad_checkpoints.rglob("*")} == before  # nothing written

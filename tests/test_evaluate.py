@@ -18,6 +18,9 @@ def trained(tmp_path_factory):
     (tmp / "other.txt").write_text("the old fox crossed the lawn at noon; café.\n" * 40, encoding="utf-8")
     run_cli("train.py", "data=text", "data.path=notes.txt", *TINY, "train.max_steps=30",
             "train.eval_every=30", "out_dir=run", cwd=tmp)
+    # like Tiny Shakespeare: train and val only, no test split
+    run_cli("train.py", "data=text", "data.path=notes.txt", "data.train_frac=0.9", "data.val_frac=0.1", *TINY,
+            "train.max_steps=2", "train.eval_every=2", "out_dir=no_test", cwd=tmp)
     return tmp
 
 
@@ -56,3 +59,26 @@ def test_test_split_in_text_form(trained):
 def test_bad_split_is_one_line(trained):
     proc = run_cli("evaluate.py", "checkpoint=run", "split=dev", cwd=trained, check=False)
     assert proc.returncode == 1 and "split" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def strict_json(text: str) -> dict:
+    return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+
+
+def test_defaults_to_the_checkpoints_own_text_and_its_test_split(trained):
+    proc = run_cli("evaluate.py", "checkpoint=run", "format=json", cwd=trained)
+    result = strict_json(proc.stdout)
+    data = (trained / "notes.txt").read_bytes()
+    n_test = len(data) - int(len(data) * 0.95)
+    assert result["data"] == "notes.txt" and result["split"] == "test" and result["bytes"] == n_test
+    assert result["loss"] == pytest.approx(direct_loss(load_model(trained / "run"), data[-n_test:]), abs=1e-4)
+    assert proc.stderr == ""
+
+
+def test_without_a_test_split_it_scores_val_and_says_so(trained):
+    proc = run_cli("evaluate.py", "checkpoint=no_test", "format=json", cwd=trained)
+    result = strict_json(proc.stdout)
+    data = (trained / "notes.txt").read_bytes()
+    assert result["split"] == "val" and result["bytes"] == len(data) - int(len(data) * 0.9)
+    assert math.isfinite(result["loss"])
+    assert "no test split" in proc.stderr and "scoring val" in proc.stderr

@@ -1,6 +1,8 @@
 """python sample.py, end to end against a tiny trained run."""
 import pytest
 
+from charlm import load_model
+from charlm.sampling import sample_text
 from conftest import TINY, run_cli, small_text
 
 
@@ -33,10 +35,17 @@ def test_same_seed_same_text(workdir):
     assert a == b and a != c
 
 
+def greedy_continuation(run_dir, prompt: str, length: int) -> str:
+    """What the Python API writes after prompt, greedily: the bytes sample.py must print."""
+    return sample_text(load_model(run_dir), prompt, length, temperature=0)[0][len(prompt):]
+
+
 @pytest.mark.parametrize("prompt", ["Hello, world", "it's", "[x]", "héllo", "a=b", "{y: 1}", "时间"])
 def test_free_text_prompts_are_taken_exactly(workdir, prompt):
-    proc = run_cli("sample.py", f"prompt={prompt}", "length=5", "temperature=0", cwd=workdir)
+    proc = run_cli("sample.py", f"prompt={prompt}", "length=12", "temperature=0", cwd=workdir)
     assert proc.stdout.startswith(prompt)
+    # the model read the prompt as typed: its continuation is the one that prompt gives
+    assert proc.stdout[len(prompt):-1] == greedy_continuation(workdir / "runs/text/first", prompt, 12)
 
 
 def test_prompt_file_and_num_samples(workdir):

@@ -16,16 +16,35 @@ from charlm.sampling import ByteStepper
 from charlm.train import budget_lr_factor
 
 
-@pytest.mark.parametrize("layers,dropout", [(1, 0.0), (3, 0.0), (2, 0.5)])
+def layer_by_layer(gru, x, h0):
+    """nn.GRU's function with dropout between layers drawn as fused_gru draws it (time-major)."""
+    seq, finals = x, []
+    for k in range(gru.num_layers):
+        if k > 0 and gru.training:
+            seq = F.dropout(seq.transpose(0, 1).contiguous(), gru.dropout, training=True).transpose(0, 1)
+        with torch.random.fork_rng():  # building a layer draws its (replaced) initial weights
+            one = torch.nn.GRU(seq.size(-1), gru.hidden_size, 1, batch_first=True).double()
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            setattr(one, f"{name}_l0", getattr(gru, f"{name}_l{k}"))  # the same Parameters: gradients flow
+        seq, h = one(seq, h0[k : k + 1])
+        finals.append(h[0])
+    return seq, torch.stack(finals)
+
+
+@pytest.mark.parametrize("layers,dropout", [(1, 0.0), (3, 0.0), (2, 0.5), (3, 0.3)])
 def test_fused_gru_matches_nn_gru_values_and_gradients(layers, dropout):
     torch.manual_seed(0)
-    gru = torch.nn.GRU(6, 5, layers, batch_first=True, dropout=dropout).double()
-    if dropout:
-        gru.eval()  # dropout draws differ; the maths must not
+    gru = torch.nn.GRU(6, 5, layers, batch_first=True, dropout=dropout).double().train()
     x = torch.randn(3, 7, 6, dtype=torch.float64, requires_grad=True)
     h0 = torch.randn(layers, 3, 5, dtype=torch.float64, requires_grad=True)
-    out_ref, h_ref = gru(x, h0)
+    torch.manual_seed(1)
+    out_ref, h_ref = gru(x, h0) if not dropout else layer_by_layer(gru, x, h0)
+    torch.manual_seed(1)  # the same masks
     out, h = fused_gru(gru, x, h0)
+    if dropout:  # the masks were really applied: evaluation mode computes something else
+        with torch.no_grad():
+            assert not torch.allclose(fused_gru(gru.eval(), x, h0)[0], out)
+        gru.train()
     assert torch.allclose(out, out_ref, atol=1e-12) and torch.allclose(h, h_ref, atol=1e-12)
     w_out, w_h = torch.randn_like(out), torch.randn_like(h)
     inputs = [x, h0, *gru.parameters()]
