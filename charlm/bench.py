@@ -125,6 +125,7 @@ def bench_training(args: argparse.Namespace, device: torch.device) -> list[str]:
         f"  charlm step, {'bf16' if bf16 else 'fp32'} ({why.split(':')[0]}){' ' * max(1, 17 - len(why.split(':')[0]))}"
         f"{our_s} tokens/s",
         f"  ratio charlm / plain               {our_rate / plain_rate:>9.2f}x",
+        f"  charlm's precision                 {why}",
         f"  matmul work per token              {flops / 1e6:>9.1f} MFLOP (6 x weights: forward + backward)",
         f"  charlm's matmul rate               {our_rate * flops / 1e9:>9.1f} GFLOP/s",
     ]

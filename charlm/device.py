@@ -86,7 +86,7 @@ def choose_precision(
         major, minor = torch.cuda.get_device_capability(device)
         return Precision(False, f"auto: this GPU (compute capability {major}.{minor}) has no bf16 units")
     if device.type == "cpu" and measure is None:
-        fp32_us, bf16_us = _matmul_micros(torch.float32), _matmul_micros(torch.bfloat16)
+        fp32_us, bf16_us = matmul_micros(torch.float32), matmul_micros(torch.bfloat16)
         if bf16_us >= fp32_us:  # emulated: a step would take many times longer, no need to time it
             return Precision(False, f"auto: bf16 matmuls are emulated on this CPU ({bf16_us:.0f} µs"
                                     f" against {fp32_us:.0f} µs in fp32)")
@@ -101,7 +101,7 @@ def choose_precision(
     return Precision(bf16_s < 0.95 * fp32_s, f"auto: {figures}")  # a clear win only, not noise
 
 
-def _matmul_micros(dtype: torch.dtype, n: int = 256, reps: int = 20) -> float:
+def matmul_micros(dtype: torch.dtype, n: int = 256, reps: int = 20) -> float:
     """Microseconds for one (n, n) @ (n, 3n) matmul on the CPU in dtype (best of reps)."""
     g = torch.Generator().manual_seed(0)  # not the global generator: choosing must not move it
     a, b = torch.randn(n, n, generator=g).to(dtype), torch.randn(n, 3 * n, generator=g).to(dtype)

@@ -1,0 +1,21 @@
+"""python -m charlm.doctor: every path this machine offers, as a matrix a user can read."""
+import torch
+
+from conftest import run_cli
+
+
+def test_doctor_runs_every_path_here_and_says_what_it_cannot(tmp_path):
+    proc = run_cli("-m", "charlm.doctor", cwd=tmp_path)
+    out = proc.stdout
+    for row in ("cpu fp32 reset_after", "cpu fp32 reset_before", "cpu bf16 reset_after", "cpu bf16 reset_before",
+                "2 processes, gloo (CPU)"):
+        line = next(line for line in out.splitlines() if line.startswith(row))
+        assert " ✓ " in line and " s  " in line, line  # passed, with its time
+    assert "largest difference between them 0\n" in out
+    if not torch.cuda.is_available():
+        assert "cuda                               - no GPU" in out
+        assert "needs two GPUs, this machine has 0" in out
+    assert "CPU bf16 matmuls are " in out
+    assert "data=timemachine (256x2, batch 64x100) on cpu: " in out and "a training step took" in out
+    assert out.rstrip().endswith(" passed, 0 failed")
+    assert list(tmp_path.iterdir()) == []  # it leaves nothing behind
