@@ -74,19 +74,21 @@ def choose_precision(
     device: torch.device,
     batch: tuple[int, int],
     measure: Optional[Callable[[bool], float]] = None,
+    matmul: Optional[Callable[[torch.dtype], float]] = None,
 ) -> Precision:
     """train.precision=fp32|bf16 as given; auto: bf16 only where a training step is faster in it.
 
-    batch is (lanes, seq_len) of one step on this process; measure(bf16) -> seconds per step
-    replaces the timing (tests use it).
+    batch is (lanes, seq_len) of one step on this process. measure(bf16) -> seconds per step and
+    matmul(dtype) -> microseconds per small matmul replace the timings (tests use them).
     """
     if setting != "auto":
         return Precision(setting == "bf16", f"train.precision={setting}")
     if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
         major, minor = torch.cuda.get_device_capability(device)
         return Precision(False, f"auto: this GPU (compute capability {major}.{minor}) has no bf16 units")
-    if device.type == "cpu" and measure is None:
-        fp32_us, bf16_us = matmul_micros(torch.float32), matmul_micros(torch.bfloat16)
+    if device.type == "cpu":
+        matmul = matmul or matmul_micros
+        fp32_us, bf16_us = matmul(torch.float32), matmul(torch.bfloat16)
         if bf16_us >= fp32_us:  # emulated: a step would take many times longer, no need to time it
             return Precision(False, f"auto: bf16 matmuls are emulated on this CPU ({bf16_us:.0f} µs"
                                     f" against {fp32_us:.0f} µs in fp32)")

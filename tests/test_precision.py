@@ -1,5 +1,7 @@
 """Every cell in every precision, named explicitly: bf16 runs here whatever the CPU (emulated on
 CPUs without bf16 instructions: slow, but correct), so no path depends on the machine drawn."""
+import re
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -28,6 +30,19 @@ def tiny_config(text_file, out_dir, cell, precision, **train_kw) -> Config:
     )
 
 
+def assert_consistent_auto_choice(bf16: bool, why: str) -> None:
+    """auto's choice agrees with the reason it gives, whichever CPU ran it: emulated bf16 means
+    fp32 without timing; otherwise bf16 exactly where its timed step was at least 5% faster."""
+    emulated = re.fullmatch(r"auto: bf16 matmuls are emulated on this CPU \(\d+ µs against \d+ µs in fp32\)", why)
+    timed = re.fullmatch(r"auto: a training step took ([\d.]+) ms in fp32, ([\d.]+) ms in bf16", why)
+    assert emulated or timed, why
+    if emulated:
+        assert not bf16
+    else:
+        fp32_ms, bf16_ms = map(float, timed.groups())
+        assert bf16 == (bf16_ms < 0.95 * fp32_ms) or abs(bf16_ms - 0.95 * fp32_ms) < 0.1  # printed rounded
+
+
 def float_tensors(tree):
     """Every floating-point tensor in a nested checkpoint structure."""
     if isinstance(tree, torch.Tensor):
@@ -51,7 +66,10 @@ def test_every_cell_and_precision_trains_samples_evaluates_explains_exports_resu
     chose = state["precision"]
     assert chose["bf16"] == (precision == "bf16") or precision == "auto"
     assert f"precision: {'bf16' if chose['bf16'] else 'fp32'} (" in header
-    assert chose["why"].startswith("auto: a training step took" if precision == "auto" else "train.precision=")
+    if precision == "auto":
+        assert_consistent_auto_choice(chose["bf16"], chose["why"])
+    else:
+        assert chose["why"] == f"train.precision={precision}"
     # weights, optimizer state and the carried hidden state stay float32 whatever ran
     floats = float_tensors([state["model"], state["optimizer"], state["hidden"]])
     assert floats and {t.dtype for t in floats} == {torch.float32}
@@ -111,10 +129,22 @@ def fake_timer(fp32_s: float, bf16_s: float):
 def test_auto_picks_bf16_only_where_a_step_is_faster(fp32_s, bf16_s, expect):
     measure, calls = fake_timer(fp32_s, bf16_s)
     model = CharLM(ModelConfig(d_model=8, n_layers=1))
-    p = choose_precision("auto", model, torch.device("cpu"), (2, 4), measure=measure)
+    native = {torch.float32: 230.0, torch.bfloat16: 50.0}.get  # whatever this CPU is
+    p = choose_precision("auto", model, torch.device("cpu"), (2, 4), measure=measure, matmul=native)
     assert p.bf16 is expect
     assert p.why == f"auto: a training step took {fp32_s * 1e3:.1f} ms in fp32, {bf16_s * 1e3:.1f} ms in bf16"
     assert calls.count(True) == calls.count(False) >= 1  # both timed, in turn
+
+
+def test_auto_keeps_fp32_without_timing_where_bf16_is_emulated():
+    measure, calls = fake_timer(0.010, 0.001)  # would win, if it were timed
+    model = CharLM(ModelConfig(d_model=8, n_layers=1))
+    emulated = {torch.float32: 230.0, torch.bfloat16: 42000.0}.get  # an AVX2 CPU's figures
+    p = choose_precision("auto", model, torch.device("cpu"), (2, 4), measure=measure, matmul=emulated)
+    assert p == Precision(False, "auto: bf16 matmuls are emulated on this CPU (42000 µs against 230 µs in fp32)")
+    assert calls == []  # the model was never run in emulated bf16
+    native = {torch.float32: 230.0, torch.bfloat16: 50.0}.get  # AMX
+    assert choose_precision("auto", model, torch.device("cpu"), (2, 4), measure=measure, matmul=native).bf16
 
 
 def test_explicit_precision_is_taken_as_given_without_timing():
