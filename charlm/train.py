@@ -390,7 +390,6 @@ def _apply_rates(optimizer: torch.optim.Optimizer, scheduler: LambdaLR, tc: Trai
         group["initial_lr"] = tc.lr
         group["lr"] *= scale
     optimizer.param_groups[0]["weight_decay"] = tc.weight_decay  # the matrices (make_optimizer)
-    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def _restore_rng(rng: dict[str, Any], ddp: distributed.Dist, device: torch.device, seed: int, step: int) -> None:
