@@ -26,7 +26,7 @@ from .errors import CharlmError
 from .model import CharLM
 from .sampling import generate
 from .device import choose_precision, resolve_device
-from .train import make_optimizer
+from .train import make_optimizer, train_step
 
 
 class PlainGRU(nn.Module):
@@ -98,14 +98,9 @@ def bench_training(args: argparse.Namespace, device: torch.device) -> list[str]:
             plain_opt.step()
         return loss.item()
 
-    def our_steps() -> float:  # what charlm.train does per step
+    def our_steps() -> float:  # the trainer's own step
         for x, y in batches:
-            with precision.autocast(device):
-                log_probs, _ = ours(x)
-                loss = F.nll_loss(log_probs.reshape(-1, 256), y.reshape(-1))
-            ours_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(ours.parameters(), tc.grad_clip)
+            loss, _, _ = train_step(ours, ours, ours_opt, precision, x, y, None, tc.grad_clip)
             ours_opt.step()
         return loss.item()
 

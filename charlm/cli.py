@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .config import Config, EvaluateConfig, SampleConfig
-from .errors import CharlmError
+from .errors import CharlmError, fail
 
 # The schemas the YAML files in configs/ are checked against: a typo'd key or a wrong type
 # stops the run at start-up.
@@ -22,12 +22,6 @@ _store = ConfigStore.instance()
 _store.store(name="train_schema", node=Config)
 _store.store(name="sample_schema", node=SampleConfig)
 _store.store(name="evaluate_schema", node=EvaluateConfig)
-
-
-def fail(message: str) -> None:
-    """Print one line for the user and exit with status 1."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(1)
 
 
 def check_overrides(config_name: str, argv: list[str]) -> None:
@@ -137,7 +131,9 @@ def run_train(cfg: DictConfig) -> None:
             raise CharlmError(f"out_dir={out_dir} is a file; give a directory")
         from .train import train  # torch is imported only once the config is known to be good
 
-        train(config, out_dir, resume_state=state)
+        summary = train(config, out_dir, resume_state=state)
+        if "stopped_by" in summary:  # Ctrl-C or SIGTERM: saved; the shell's code for that signal
+            sys.exit(128 + summary["stopped_by"])
 
     _guarded(go)
 

@@ -164,7 +164,7 @@ def main(argv: list[str]) -> None:
     e.add_argument("out", type=Path)
     e.add_argument("--reset-after", choices=["true", "false"], help="checked against the checkpoint's cell")
     args = parser.parse_args(argv)
-    from .cli import fail
+    from .errors import fail
 
     try:
         if args.source == "to-keras":

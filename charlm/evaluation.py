@@ -15,6 +15,7 @@ from .tokenizer import START_BYTE
 
 
 EVAL_LANES_MAX = 64
+EVALUATE_SEQ_LEN = 512  # bytes per window for evaluate.py (one stream: the window only sets the batch of work)
 
 
 def training_eval_lanes(n: int) -> int:
@@ -102,7 +103,7 @@ def run_evaluation(cfg, data_given: bool = True) -> dict[str, float]:
     if note:
         print(note, file=sys.stderr)
     t0 = time.perf_counter()
-    loss, n = evaluate_loss(model, data, seq_len=512, lanes=1, device=device)
+    loss, n = evaluate_loss(model, data, seq_len=EVALUATE_SEQ_LEN, lanes=1, device=device)
     result = {
         "checkpoint": str(path),
         "data": str(text_path),

@@ -70,7 +70,7 @@ def _export(step: DecodeStep, byte: torch.Tensor, hidden: torch.Tensor, out: Pat
 def main(argv: list[str]) -> None:
     """`python -m charlm.export checkpoint=... [format=onnx] [out=...]`"""
     from .checkpoint import load_model, locate_checkpoint
-    from .cli import fail
+    from .errors import fail
 
     args = {}
     for arg in argv:

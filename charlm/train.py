@@ -1,19 +1,27 @@
-"""The training loop: batches in, checkpoints, TensorBoard events and a summary out."""
+"""The training loop: batches in, checkpoints, TensorBoard events and a summary out.
+
+    train(cfg, out_dir)                 set up the processes, build a Trainer, run it
+      load_splits                       the text, cut by position (train | val | test)
+      Trainer                           model, optimizer, schedule, precision, Progress, Clock
+        run                             the loop: next_batch -> train_step -> apply -> log
+                                        -> evaluate_and_save, until the steps or the time run out
+        to_checkpoint / restore         every checkpoint key, packed and unpacked in one place
+      Reporter (charlm.report)          rank 0's bar, TensorBoard, header and summary
+"""
 from __future__ import annotations
 
 import math
 import signal
-import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, fields, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
-from tqdm import tqdm
 
 from . import checkpoint as ckpt
 from . import distributed
@@ -23,7 +31,11 @@ from .device import Precision, choose_precision, resolve_device
 from .errors import CharlmError
 from .evaluation import evaluate_loss, metrics, training_eval_lanes
 from .model import CharLM
+from .report import Reporter
 from .sampling import sample_text
+
+EVAL_SEQ_LEN = 256  # bytes per window when the trainer scores the validation split
+SAMPLE_TEMPERATURE = 0.8  # of the sample written at each evaluation
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -50,19 +62,8 @@ def make_optimizer(model: CharLM, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99))
 
 
-def train(cfg: Config, out_dir: Path, resume_state: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-    """Train cfg's model on cfg's data, writing checkpoints and events to out_dir; return a summary.
-
-    Under torchrun each process trains its share of the lanes (see charlm.distributed); rank 0
-    alone evaluates, prints and writes.
-    """
-    tc = cfg.train
-    ddp, device = distributed.setup(tc.batch_size, resolve_device(tc.device, "train.device"))
-    say = print if ddp.main else (lambda *a, **k: None)
-    if tc.device == "auto":
-        say(f"device: {device} (train.device=auto{'' if device.type == 'cuda' else ', no CUDA GPU found'})")
-    torch.manual_seed(cfg.seed)
-
+def load_splits(cfg: Config) -> tuple[np.ndarray, np.ndarray, int]:
+    """(train bytes, the val bytes each evaluation scores, all val bytes) of cfg's text."""
     path = corpus_path(cfg.data)
     text = load_bytes(path)
     splits = split(text, cfg.data.train_frac, cfg.data.val_frac)
@@ -72,262 +73,317 @@ def train(cfg: Config, out_dir: Path, resume_state: Optional[dict[str, Any]] = N
             f"{path} ({len(text):,} bytes) leaves no validation text at"
             f" data.val_frac={cfg.data.val_frac}; use a longer text or raise data.val_frac"
         )
-    val_total = len(val_data)
-    if tc.eval_bytes:
-        val_data = val_data[: tc.eval_bytes]
-    batches = StreamBatches(train_data, tc.batch_size, tc.seq_len) if tc.batching == "stream" else None
-    if batches is None and len(train_data) < tc.seq_len:
+    if cfg.train.batching == "random" and len(train_data) < cfg.train.seq_len:
         raise CharlmError(
-            f"the training text ({len(train_data):,} bytes) is shorter than train.seq_len={tc.seq_len};"
+            f"the training text ({len(train_data):,} bytes) is shorter than train.seq_len={cfg.train.seq_len};"
             " lower train.seq_len or use more text"
         )
+    scored = val_data[: cfg.train.eval_bytes] if cfg.train.eval_bytes else val_data
+    return train_data, scored, len(val_data)
 
-    model = CharLM(cfg.model).to(device)
-    optimizer = make_optimizer(model, tc)
-    budget = tc.max_seconds
-    time_frac = [0.0]  # fraction of train.max_seconds used (rank 0's clock), which the schedule reads
-    if budget:
-        schedule = partial(budget_lr_factor, warmup=tc.warmup_steps, min_ratio=tc.min_lr / tc.lr)
-        scheduler = LambdaLR(optimizer, lambda step: schedule(step, time_frac[0]))
-    else:
-        scheduler = LambdaLR(
-            optimizer, partial(lr_factor, warmup=tc.warmup_steps, total=tc.max_steps, min_ratio=tc.min_lr / tc.lr)
+
+class Clock:
+    """Steps or seconds. Under train.max_seconds: the part of the budget used (which the schedule
+    reads) and whether it has run out, leaving room for the final evaluation."""
+
+    def __init__(self, budget: float, spent: float, start_step: int, val_bytes: int) -> None:
+        self.budget, self.spent, self.start_step, self.val_bytes = budget, spent, start_step, val_bytes
+        self.frac = 0.0  # rank 0's reading, shared with every rank (Trainer.agree)
+        self.t_start = time.perf_counter()  # start() sets it again as the first step begins
+        self.eval_seconds, self.eval_cost = 0.0, None  # evaluating in this run; the last evaluation
+        self.elapsed = self.per_step = self.finish_at = 0.0
+
+    def read(self, steps_done: int, tokens: int) -> tuple[float, float]:
+        """(part of the budget used, 1.0 if it has run out) once step number steps_done is done."""
+        now = time.perf_counter()
+        self.elapsed = self.spent + now - self.t_start
+        self.per_step = (now - self.t_start - self.eval_seconds) / (steps_done - self.start_step)
+        # the final evaluation must fit too; before the first one, guess it from the training speed
+        final_eval = self.eval_cost if self.eval_cost is not None else self.val_bytes * self.per_step / tokens / 3
+        self.finish_at = self.budget - final_eval - self.per_step
+        return min(1.0, self.elapsed / max(self.finish_at, 1e-9)), float(self.elapsed >= self.finish_at)
+
+    def start(self) -> None:
+        self.t_start = time.perf_counter()
+
+    def steps_left(self) -> int:
+        return int((self.finish_at - self.elapsed) / self.per_step) + 1
+
+    def evaluated(self, seconds: float) -> None:
+        self.eval_cost = seconds
+        self.eval_seconds += seconds
+
+    def run_seconds(self) -> float:
+        """Wall time of this run so far, evaluations included."""
+        return time.perf_counter() - self.t_start
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, tc: TrainConfig, clock: Clock) -> LambdaLR:
+    """Warmup then cosine decay, over train.max_steps or over the time budget (clock.frac)."""
+    min_ratio = tc.min_lr / tc.lr
+    if tc.max_seconds:
+        schedule = partial(budget_lr_factor, warmup=tc.warmup_steps, min_ratio=min_ratio)
+        return LambdaLR(optimizer, lambda step: schedule(step, clock.frac))
+    return LambdaLR(optimizer, partial(lr_factor, warmup=tc.warmup_steps, total=tc.max_steps, min_ratio=min_ratio))
+
+
+@dataclass
+class Progress:
+    """The counters a checkpoint carries; their names are its keys."""
+
+    step: int = 0
+    best_val_loss: float = math.inf
+    best_step: int = 0
+    log_sum: float = 0.0  # loss summed over the steps since the last log line
+    log_n: int = 0
+    skipped: int = 0  # steps skipped for a non-finite loss (train.on_nonfinite=skip)
+    seconds: float = 0.0  # trained before this run started (in a checkpoint: up to its save)
+
+
+def train_step(
+    net: torch.nn.Module, model: CharLM, optimizer: torch.optim.Optimizer, precision: Precision,
+    x: torch.Tensor, y: torch.Tensor, h: Optional[torch.Tensor], grad_clip: float,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Forward and backward of one batch, gradients clipped: x, y (B, T) bytes, h (L, B, D) or None
+    -> (loss, new hidden state, gradient norm). The caller applies it with optimizer.step()."""
+    with precision.autocast(x.device):
+        log_probs, h_new = net(x, h)
+        loss = F.nll_loss(log_probs.reshape(-1, log_probs.size(-1)), y.reshape(-1))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or math.inf))
+    return loss, h_new, grad_norm
+
+
+class Trainer:
+    """One run: its model, optimizer, schedule, precision, batches and counters (see run())."""
+
+    def __init__(self, cfg: Config, out_dir: Path, ddp: distributed.Dist, device: torch.device,
+                 resume_state: Optional[dict[str, Any]] = None) -> None:
+        tc = self.tc = cfg.train
+        self.cfg, self.out_dir, self.ddp, self.device = cfg, out_dir, ddp, device
+        if tc.device == "auto" and ddp.main:
+            print(f"device: {device} (train.device=auto{'' if device.type == 'cuda' else ', no CUDA GPU found'})")
+        torch.manual_seed(cfg.seed)
+        self.train_data, self.val_data, val_total = load_splits(cfg)
+        self.batches = StreamBatches(self.train_data, tc.batch_size, tc.seq_len) if tc.batching == "stream" else None
+        self.model = CharLM(cfg.model).to(device)
+        self.optimizer = make_optimizer(self.model, tc)
+        self.progress = Progress(**{k: resume_state[k] for k in _progress_keys() if k in resume_state}
+                                 ) if resume_state else Progress()
+        self.clock = Clock(tc.max_seconds, self.progress.seconds, self.progress.step, len(self.val_data))
+        self.scheduler = make_scheduler(self.optimizer, tc, self.clock)
+        self.lanes = ddp.lanes(tc.batch_size)
+        batch = (self.lanes.stop - self.lanes.start, tc.seq_len)
+        self.precision = _precision(tc, self.model, device, ddp, batch, resume_state)
+        if ddp.world > 1:  # its own dropout masks on each rank; the batch order below stays shared
+            torch.manual_seed(distributed.dropout_seed(cfg.seed, ddp.rank))
+        self.generator = torch.Generator().manual_seed(cfg.seed)  # random batching (every rank draws alike)
+        self.h: Optional[torch.Tensor] = None  # this rank's lanes' hidden state, carried batch to batch
+        note = self.restore(resume_state) if resume_state else None
+        self.net = torch.nn.parallel.DistributedDataParallel(self.model) if ddp.world > 1 else self.model
+        self.report = Reporter(ddp.main, out_dir, cfg, resumed_at=self.progress.step if resume_state else None)
+        self.report.say(f"precision: {self.precision.name} ({self.precision.why}) | "
+                        f"{self.precision.parts(cfg.model.cell, device)}")
+        if note is not None:
+            self.report.say(note)
+        self.report.say(self.header(val_total))
+
+    def header(self, val_total: int) -> str:
+        """One line: the text, the model, the length of the run, where it runs and writes."""
+        tc, cfg, budget = self.tc, self.cfg, self.tc.max_seconds
+        epoch_bytes = self.batches.n_windows * tc.batch_size * tc.seq_len if self.batches else len(self.train_data)
+        return (
+            f"{cfg.data.name}: {len(self.train_data):,} train / {_val_scored(len(self.val_data), val_total)} val"
+            f" bytes | model {cfg.model.d_model}x{cfg.model.n_layers} GRU, {self.model.num_parameters() / 1e6:.2f}M"
+            " params | " + (f"a {budget:g} s budget of steps of " if budget else f"{tc.max_steps} steps of ")
+            + f"{tc.batch_size}x{tc.seq_len} "
+            + ("" if budget else f"({tc.max_steps * tc.batch_size * tc.seq_len / epoch_bytes:.1f} epochs) ")
+            + f"on {self.device}{f' x {self.ddp.world} processes' if self.ddp.world > 1 else ''} | {self.out_dir}"
         )
-    lanes = ddp.lanes(tc.batch_size)
-    precision = _precision(tc, model, device, ddp, (lanes.stop - lanes.start, tc.seq_len), resume_state)
-    say(f"precision: {precision.name} ({precision.why}) | {precision.parts(cfg.model.cell, device)}")
-    if ddp.world > 1:  # its own dropout masks on each rank; the batch order below stays shared
-        torch.manual_seed(distributed.dropout_seed(cfg.seed, ddp.rank))
-    generator = torch.Generator().manual_seed(cfg.seed)  # random batching (every rank draws alike)
-    step, best_val, best_step, h, spent = 0, math.inf, 0, None, 0.0  # spent: seconds trained before a resume
-    log_sum, log_n, skipped = 0.0, 0, 0  # loss summed over the steps since the last log line; skipped steps
-    if resume_state is not None:
-        model.load_state_dict(resume_state["model"])
-        optimizer.load_state_dict(resume_state["optimizer"])
-        scheduler.load_state_dict(resume_state["scheduler"])
-        _apply_rates(optimizer, scheduler, tc, resume_state["config"]["train"])
-        step, best_val, best_step = resume_state["step"], resume_state["best_val_loss"], resume_state["best_step"]
-        log_sum, log_n, skipped = resume_state["log_sum"], resume_state["log_n"], resume_state["skipped"]
-        spent = resume_state.get("seconds", 0.0)
-        _restore_rng(resume_state["rng"], ddp, device, cfg.seed, step)
-        generator.set_state(resume_state["rng"]["batches"])
-        h, note = _resumed_lanes(resume_state, tc, lanes, device)
-        say(f"resumed from step {step} (best val loss {best_val:.4f}){note}")
-    # Rank 0 writes; under DDP the others only train.
-    net = torch.nn.parallel.DistributedDataParallel(model) if ddp.world > 1 else model
-    writer = _open_writer(out_dir, cfg, resumed_at=step if resume_state else None) if ddp.main else None
 
-    n_params = model.num_parameters()
-    epoch_bytes = batches.n_windows * tc.batch_size * tc.seq_len if batches else len(train_data)
-    say(
-        f"{cfg.data.name}: {len(train_data):,} train / {_val_scored(len(val_data), val_total)} val bytes | "
-        f"model {cfg.model.d_model}x{cfg.model.n_layers} GRU, {n_params / 1e6:.2f}M params | "
-        + (f"a {budget:g} s budget of steps of " if budget else f"{tc.max_steps} steps of ")
-        + f"{tc.batch_size}x{tc.seq_len} "
-        + ("" if budget else f"({tc.max_steps * tc.batch_size * tc.seq_len / epoch_bytes:.1f} epochs) ")
-        + f"on {device}"
-        f"{f' x {ddp.world} processes' if ddp.world > 1 else ''} | {out_dir}"
-    )
+    def run(self) -> dict[str, Any]:
+        """Train until train.max_steps or the time budget; a signal ends it after the step in hand."""
+        p, tc = self.progress, self.tc
+        stop = _StopOnSignal(announce=self.ddp.main)
+        self.sample_gen = torch.Generator(device=self.device)
+        self.model.train()
+        last = not tc.max_seconds and p.step >= tc.max_steps  # the step in hand is the final one
+        self.report.start(p.step, None if tc.max_seconds else tc.max_steps)
+        self.clock.start()
+        with stop:
+            while not last:
+                x, y = self.next_batch()
+                loss, h_new, grad_norm = train_step(self.net, self.model, self.optimizer, self.precision, x, y,
+                                                    self.h, tc.grad_clip)
+                loss_value, stop_votes, out_of_time = self.agree(loss, stop, x.numel())
+                p.step += 1
+                self.apply(loss_value, grad_norm, h_new)
+                last = out_of_time > 0 if tc.max_seconds else p.step >= tc.max_steps
+                self.scheduler.step()
+                self.report.stepped(x.numel() * self.ddp.world, total=self._bar_total(last))
+                if p.step % tc.log_every == 0 or last:
+                    self.log(grad_norm)
+                if p.step % tc.eval_every == 0 or last:
+                    self.evaluate_and_save()
+                if stop_votes > 0 and not last:
+                    return self.stopped(stop.signum or signal.SIGTERM)
+        return self.finish()
 
-    def evaluate() -> dict[str, float]:
-        loss, _ = evaluate_loss(model, val_data, seq_len=256, lanes=training_eval_lanes(len(val_data)),
-                                device=device)
-        return metrics(loss)
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's lanes of the next batch, on the device: x, y (B/W, T), y = x shifted by one."""
+        if self.batches is not None:
+            k = self.progress.step % self.batches.n_windows
+            if k == 0:
+                self.h = None  # a new epoch: every lane starts over at the start byte
+            x, y = self.batches.window(k)
+        else:
+            x, y = random_batch(self.train_data, self.tc.batch_size, self.tc.seq_len, self.generator)
+        return x[self.lanes].to(self.device, non_blocking=True), y[self.lanes].to(self.device, non_blocking=True)
 
-    def save(*names: str) -> None:
+    def agree(self, loss: torch.Tensor, stop: "_StopOnSignal", tokens: int) -> tuple[float, float, float]:
+        """(mean loss, votes to stop on a signal, out of time) across ranks, in one all-reduce.
+
+        Every rank takes rank 0's clock (the part of the budget used, whether it has run out), so
+        that their schedules match step for step and they all stop together.
+        """
+        frac, out_of_time = self.clock.read(self.progress.step + 1, tokens) if self.tc.max_seconds else (0.0, 0.0)
+        (loss_value, stop_votes), (self.clock.frac, out_of_time) = self.ddp.agree(
+            [loss.item(), float(stop.signum is not None)], [frac, out_of_time]
+        )
+        return loss_value, stop_votes, out_of_time
+
+    def apply(self, loss_value: float, grad_norm: float, h_new: torch.Tensor) -> None:
+        """Take the step, or apply train.on_nonfinite to a NaN/inf loss or gradient."""
+        p = self.progress
+        if math.isfinite(loss_value) and math.isfinite(grad_norm):
+            self.optimizer.step()
+            self.h = h_new.detach() if self.batches is not None else None
+            p.log_sum, p.log_n = p.log_sum + loss_value, p.log_n + 1
+        elif self.tc.on_nonfinite == "skip":
+            p.skipped += 1  # no update; the state restarts from zero
+            self.h = None
+            self.report.say(f"step {p.step}: skipped, non-finite loss {loss_value} or gradient norm {grad_norm}")
+        else:
+            self.report.close()
+            raise CharlmError(
+                f"step {p.step}: the loss or gradient became non-finite (loss {loss_value}, gradient norm"
+                f" {grad_norm}); nothing was saved from it and the checkpoints in {self.out_dir} are as they"
+                " were; lower train.lr, or set train.on_nonfinite=skip"
+            )
+
+    def log(self, grad_norm: float) -> None:
+        """train/* scalars, then a fresh sum for the next log line."""
+        p = self.progress
+        train_loss = p.log_sum / p.log_n if p.log_n else math.nan  # nan: every step skipped
+        self.report.log(p.step, train_loss, self.scheduler.get_last_lr()[0], grad_norm, p.skipped)
+        p.log_sum, p.log_n = 0.0, 0
+
+    def evaluate_and_save(self) -> None:
+        """Rank 0 scores the validation text and writes a sample; every rank joins the save."""
+        p, t_eval, improved = self.progress, time.perf_counter(), False
+        if self.ddp.main:
+            loss, _ = evaluate_loss(self.model, self.val_data, seq_len=EVAL_SEQ_LEN,
+                                    lanes=training_eval_lanes(len(self.val_data)), device=self.device)
+            m = metrics(loss)
+            self.sample_gen.manual_seed(self.cfg.seed)
+            sample = sample_text(self.model, "", self.tc.sample_length, temperature=SAMPLE_TEMPERATURE,
+                                 generator=self.sample_gen)[0]
+            improved = m["loss"] < p.best_val_loss
+            if improved:
+                p.best_val_loss, p.best_step = m["loss"], p.step
+            self.report.evaluation(p.step, m, p.best_val_loss, sample, improved)
+        # best.pt first: whenever last.pt exists, a best.pt does too
+        self.save(*(["best.pt"] if improved else []), "last.pt")
+        self.report.flush()
+        self.clock.evaluated(time.perf_counter() - t_eval)
+
+    def save(self, *names: str) -> None:
         """Write the whole training state (a collective under DDP: every rank must call it)."""
-        hidden = None if h is None else ddp.gather_lanes(h.detach()).cpu()
+        state = self.to_checkpoint()
+        if self.ddp.main:
+            for name in names:
+                ckpt.save_checkpoint(self.out_dir / name, state)
+
+    def to_checkpoint(self) -> dict[str, Any]:
+        """Everything a resume needs, as plain data (gathered from every rank; complete on rank 0)."""
+        ddp, device = self.ddp, self.device
+        hidden = None if self.h is None else ddp.gather_lanes(self.h.detach()).cpu()
         ranks_rng = ddp.gather_states(torch.get_rng_state())  # each rank's dropout stream
         ranks_cuda = ddp.gather_states(torch.cuda.get_rng_state(device)) if device.type == "cuda" else []
-        if not ddp.main:
-            return
-        state = {
-            **ckpt.model_state(model),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "step": step,
-            "best_val_loss": best_val,
-            "best_step": best_step,
+        return {
+            **ckpt.model_state(self.model),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            **asdict(replace(self.progress, seconds=self.progress.seconds + self.clock.run_seconds())),
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
-                "batches": generator.get_state(),
+                "batches": self.generator.get_state(),
                 "ranks": [{"torch": t, "cuda": c} for t, c in zip(ranks_rng, ranks_cuda or [None] * ddp.world)],
             },
-            "precision": {"bf16": precision.bf16, "why": precision.why},
+            "precision": {"bf16": self.precision.bf16, "why": self.precision.why},
             "hidden": hidden,
-            "log_sum": log_sum,
-            "log_n": log_n,
-            "skipped": skipped,
-            "seconds": spent + time.perf_counter() - t_start,
-            "config": asdict(cfg),
+            "config": asdict(self.cfg),
         }
-        for name in names:
-            ckpt.save_checkpoint(out_dir / name, state)
 
-    sample_gen = torch.Generator(device=device)
-    model.train()
-    start_step, t_start = step, time.perf_counter()
-    eval_seconds, eval_cost = 0.0, None  # time spent evaluating in this run; the last evaluation's cost
-    last = not budget and step >= tc.max_steps  # the step in hand is the final one
-    t_log, tokens_since_log, last_val = time.perf_counter(), 0, None
-    stop = _StopOnSignal(announce=ddp.main)
-    bar = tqdm(total=None if budget else tc.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True,
-               file=sys.stdout, disable=not ddp.main)
-    with stop:
-        while not last:
-            if batches is not None:
-                k = step % batches.n_windows
-                if k == 0:
-                    h = None  # a new epoch: every lane starts over at the start byte
-                x, y = batches.window(k)
-            else:
-                x, y = random_batch(train_data, tc.batch_size, tc.seq_len, generator)
-            x, y = x[lanes].to(device, non_blocking=True), y[lanes].to(device, non_blocking=True)
-            with precision.autocast(device):
-                log_probs, h_new = net(x, h)
-                loss = F.nll_loss(log_probs.reshape(-1, log_probs.size(-1)), y.reshape(-1))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or math.inf))
-            out_of_time = 0.0
-            if budget:  # train.max_seconds replaces train.max_steps
-                now = time.perf_counter()
-                elapsed = spent + now - t_start
-                per_step = (now - t_start - eval_seconds) / (step + 1 - start_step)
-                # the final evaluation must fit too; before the first one, guess it from the training speed
-                final_eval = eval_cost if eval_cost is not None else len(val_data) * per_step / x.numel() / 3
-                finish_at = budget - final_eval - per_step
-                time_frac[0] = min(1.0, elapsed / max(finish_at, 1e-9))
-                out_of_time = float(elapsed >= finish_at)
-            # One all-reduce under DDP: the ranks average the loss and the votes to stop on a signal,
-            # and take rank 0's clock (the part of the budget used, whether it has run out), so that
-            # their schedules match step for step and they all stop together.
-            (loss_value, stop_votes), (time_frac[0], out_of_time) = ddp.agree(
-                [loss.item(), float(stop.signum is not None)], [time_frac[0], out_of_time]
-            )
-            step += 1
-            if math.isfinite(loss_value) and math.isfinite(grad_norm):
-                optimizer.step()
-                h = h_new.detach() if batches is not None else None
-                log_sum, log_n = log_sum + loss_value, log_n + 1
-            elif tc.on_nonfinite == "skip":
-                skipped += 1  # no update; the state restarts from zero
-                h = None
-                bar.write(f"step {step}: skipped, non-finite loss {loss_value} or gradient norm {grad_norm}")
-            else:
-                bar.close()
-                raise CharlmError(
-                    f"step {step}: the loss or gradient became non-finite (loss {loss_value}, gradient norm"
-                    f" {grad_norm}); nothing was saved from it and the checkpoints in {out_dir} are as they"
-                    " were; lower train.lr, or set train.on_nonfinite=skip"
-                )
-            if not budget:
-                last = step >= tc.max_steps
-            else:
-                last = out_of_time > 0
-                bar.total = step if last else step + int((finish_at - elapsed) / per_step) + 1
-            scheduler.step()
-            tokens_since_log += x.numel() * ddp.world
-            bar.update(1)
+    def restore(self, state: dict[str, Any]) -> str:
+        """Load what to_checkpoint saved (Progress is read in __init__); returns the line to print."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        _apply_rates(self.optimizer, self.scheduler, self.tc, state["config"]["train"])
+        _restore_rng(state["rng"], self.ddp, self.device, self.cfg.seed, self.progress.step)
+        self.generator.set_state(state["rng"]["batches"])
+        self.h, note = _resumed_lanes(state, self.tc, self.lanes, self.device)
+        return f"resumed from step {self.progress.step} (best val loss {self.progress.best_val_loss:.4f}){note}"
 
-            if writer and (step % tc.log_every == 0 or last):
-                tok_s = tokens_since_log / (time.perf_counter() - t_log)
-                train_loss = log_sum / log_n if log_n else math.nan  # nan: every step skipped
-                writer.add_scalar("train/loss", train_loss, step)
-                writer.add_scalar("train/bpb", train_loss / math.log(2), step)
-                writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
-                writer.add_scalar("train/grad_norm", grad_norm, step)
-                writer.add_scalar("train/tokens_per_sec", tok_s, step)
-                if skipped:
-                    writer.add_scalar("train/skipped_steps", skipped, step)
-                postfix = {"loss": f"{train_loss:.3f}", "tok/s": f"{tok_s:,.0f}"}
-                if last_val is not None:
-                    postfix["val"] = f"{last_val:.3f}"
-                bar.set_postfix(postfix, refresh=False)
-                tokens_since_log, t_log = 0, time.perf_counter()
-            if step % tc.log_every == 0 or last:
-                log_sum, log_n = 0.0, 0
+    def stopped(self, signum: int) -> dict[str, Any]:
+        """After a signal: the step in hand is finished; keep everything up to it."""
+        self.save("last.pt")
+        self.report.close()
+        self.report.say(f"\nstopped by {signal.Signals(signum).name} at step {self.progress.step}; saved"
+                        f" {self.out_dir}/last.pt\nresume with:  python train.py train.resume={self.out_dir}")
+        return {**self._summary(), "stopped_by": signum}
 
-            if step % tc.eval_every == 0 or last:
-                t_eval = time.perf_counter()
-                improved = False
-                if ddp.main:
-                    m = evaluate()
-                    last_val = m["loss"]
-                    for key, value in m.items():
-                        writer.add_scalar(f"val/{key}", value, step)
-                    sample_gen.manual_seed(cfg.seed)
-                    text = sample_text(model, "", tc.sample_length, temperature=0.8, generator=sample_gen)[0]
-                    writer.add_text("sample", "    " + text.replace("\n", "\n    "), step)  # markdown code
-                    improved = m["loss"] < best_val
-                    if improved:
-                        best_val, best_step = m["loss"], step
-                    # curves of the best so far: the HParams tab reads their last points
-                    writer.add_scalar("val/best_loss", best_val, step)
-                    writer.add_scalar("val/best_bpb", best_val / math.log(2), step)
-                # best.pt first: whenever last.pt exists, a best.pt does too
-                save(*(["best.pt"] if improved else []), "last.pt")
-                if writer:
-                    writer.flush()
-                if ddp.main:
-                    bar.write(
-                        f"step {step}: val loss {m['loss']:.4f} | ppl {m['perplexity']:.2f} | "
-                        f"{m['bpb']:.3f} bits/byte{' (best)' if improved else ''}\n    "
-                        + text.strip().replace("\n", "\n    ")[:300]
-                    )
-                t_log = time.perf_counter()  # tokens/s measures training, not evaluation
-                eval_cost = t_log - t_eval
-                eval_seconds += eval_cost
+    def finish(self) -> dict[str, Any]:
+        """The end of the run: the ranks' agreement, HParams, the summary."""
+        summary = self._summary()
+        if self.ddp.world > 1:
+            spread = self.ddp.weight_spread(self.model)
+            self.report.say(f"{self.ddp.world} processes {'hold identical weights' if spread == 0 else 'DISAGREE on the weights'}:"
+                            f" largest difference between them {spread:.3g}")
+        self.report.summary(summary)
+        return summary
 
-            if stop_votes > 0 and not last:
-                save("last.pt")  # the step in hand is finished; keep everything up to it
-                if writer:
-                    writer.close()
-                bar.close()
-                signum = stop.signum or signal.SIGTERM
-                say(
-                    f"\nstopped by {signal.Signals(signum).name} at step {step}; saved {out_dir}/last.pt\n"
-                    f"resume with:  python train.py train.resume={out_dir}"
-                )
-                distributed.teardown(ddp)
-                raise SystemExit(128 + signum)
-    bar.close()
-    elapsed = time.perf_counter() - t_start  # this run's wall time, evaluations included
-    if ddp.world > 1:
-        spread = ddp.weight_spread(model)
-        say(f"{ddp.world} processes {'hold identical weights' if spread == 0 else 'DISAGREE on the weights'}:"
-            f" largest difference between them {spread:.3g}")
-    distributed.teardown(ddp)
-    summary = {
-        "steps": step,
-        "seconds": elapsed,
-        "steps_this_run": step - start_step,
-        "best_val_loss": best_val,
-        "best_step": best_step,
-        "out_dir": str(out_dir),
-    }
-    if writer:
-        final = metrics(best_val)
-        summary.update(best_val_bpb=final["bpb"], best_val_perplexity=final["perplexity"])
-        _write_hparams(writer, cfg, final)
-        writer.close()
-        _print_summary(summary)
-    return summary
+    def _summary(self) -> dict[str, Any]:
+        p = self.progress
+        return {"steps": p.step, "seconds": self.clock.run_seconds(), "steps_this_run": p.step - self.clock.start_step,
+                "best_val_loss": p.best_val_loss, "best_step": p.best_step, "out_dir": str(self.out_dir)}
+
+    def _bar_total(self, last: bool) -> Optional[int]:
+        """Under a time budget the bar's end is an estimate, updated every step."""
+        if not self.tc.max_seconds:
+            return None
+        return self.progress.step if last else self.progress.step + self.clock.steps_left()
 
 
-def _open_writer(out_dir: Path, cfg: Config, resumed_at: Optional[int]):
-    """The run directory's config.yaml and TensorBoard writer."""
-    from torch.utils.tensorboard import SummaryWriter  # slow import; only rank 0 needs it
+def train(cfg: Config, out_dir: Path, resume_state: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Train cfg's model on cfg's data, writing checkpoints and events to out_dir; return a summary
+    (with "stopped_by", the signal number, when a signal ended it early).
 
+    Under torchrun each process trains its share of the lanes (see charlm.distributed); rank 0
+    alone evaluates, prints and writes.
+    """
+    ddp, device = distributed.setup(cfg.train.batch_size, resolve_device(cfg.train.device, "train.device"))
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(_to_yaml(asdict(cfg)))
-    except OSError as e:
-        raise CharlmError(f"cannot create out_dir={out_dir} ({e.strerror}); choose a writable directory") from None
-    # purge_step drops events a killed run wrote after its last checkpoint (at `resumed_at`,
-    # whose own events came before the save): no duplicated steps in the curves.
-    return SummaryWriter(str(out_dir), purge_step=None if resumed_at is None else resumed_at + 1)
+        return Trainer(cfg, out_dir, ddp, device, resume_state).run()
+    finally:
+        distributed.teardown(ddp)
+
+
+def _progress_keys() -> list[str]:
+    return [f.name for f in fields(Progress)]
 
 
 class _StopOnSignal:
@@ -419,38 +475,3 @@ def _resumed_lanes(
     return state["hidden"][:, lanes].to(device), ""
 
 
-def _to_yaml(d: dict) -> str:
-    from omegaconf import OmegaConf  # only for writing the resolved config out
-
-    return OmegaConf.to_yaml(OmegaConf.create(d))
-
-
-def _write_hparams(writer, cfg: Config, final: dict[str, float]) -> None:
-    """Hyperparameters and final metrics into this run's own event file (TensorBoard's HParams tab)."""
-    from torch.utils.tensorboard.summary import hparams
-
-    flat = {}
-    for section in ("data", "model", "train"):
-        for key, value in asdict(getattr(cfg, section)).items():
-            flat[f"{section}.{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
-    flat["seed"] = cfg.seed
-    # The metrics are the val/best_* curves logged at every evaluation: no single-point cards of
-    # their own, which TensorBoard's Time Series tab would show above the loss curves.
-    metric = {"val/best_loss": final["loss"], "val/best_bpb": final["bpb"]}
-    exp, ssi, sei = hparams(flat, metric)
-    fw = writer._get_file_writer()
-    for summary in (exp, ssi, sei):
-        fw.add_summary(summary)
-
-
-def _print_summary(s: dict[str, Any]) -> None:
-    out = s["out_dir"]
-    minutes, seconds = divmod(int(s["seconds"]), 60)
-    print(
-        f"\ndone: {s['steps']} steps ({s['steps_this_run']} in this run, {minutes}m{seconds:02d}s)\n"
-        f"best val loss {s['best_val_loss']:.4f} nats/byte | perplexity {s['best_val_perplexity']:.2f} | "
-        f"{s['best_val_bpb']:.3f} bits/byte (step {s['best_step']})\n"
-        f"checkpoints:  {out}/best.pt  {out}/last.pt\n"
-        f"sample:       python sample.py checkpoint={out} prompt=\"t\" length=200\n"
-        f"tensorboard:  tensorboard --logdir {'runs' if Path(out).parts[0] == 'runs' else out}"
-    )
