@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig, TrainConfig
+from .device import choose_precision, resolve_device
 from .errors import CharlmError
 from .model import CharLM
 from .sampling import generate
-from .device import choose_precision, resolve_device
 from .train import make_optimizer, train_step
 
 
@@ -134,7 +134,9 @@ def bench_sampling(args: argparse.Namespace, device: torch.device) -> list[str]:
         times = {}
         for length in (500, 2000):
             g = torch.Generator(device=device).manual_seed(0)
-            run = lambda: [b.cpu() for b in generate(model, b"t", length, 0.8, num_samples=n, generator=g)]
+            def run(length=length, n=n, g=g) -> list:
+                return [b.cpu() for b in generate(model, b"t", length, 0.8, num_samples=n, generator=g)]
+
             run()  # warm up
             times[length] = sorted(_time(run, device) for _ in range(args.sample_reps))
         med = statistics.median(times[2000])
@@ -170,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     cpu = platform.processor() or platform.machine()
     try:
-        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
     print(
@@ -183,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(section(args, device)), flush=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     print(f"peak memory: {peak:,.0f} MiB resident"
-          + (f", {torch.cuda.max_memory_allocated(device) / 2**20:,.0f} MiB on the GPU" if device.type == "cuda" else ""))
+          + (f", {torch.cuda.max_memory_allocated(device) / 2**20:,.0f} MiB on the GPU"
+             if device.type == "cuda" else ""))
     return 0
 
 

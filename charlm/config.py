@@ -54,7 +54,8 @@ class TrainConfig:
     seq_len: int = 100
     batching: str = "stream"  # stream: lanes with the state carried; random: fresh windows
     max_steps: int = 3000
-    max_seconds: float = 0  # a wall-clock budget from the first step, evaluations included, in place of max_steps; 0 = none
+    # a wall-clock budget from the first step, evaluations included, in place of max_steps; 0 = none
+    max_seconds: float = 0
     lr: float = 2e-3  # peak learning rate, after warmup
     min_lr: float = 1e-4  # reached at max_steps by cosine decay
     warmup_steps: int = 100

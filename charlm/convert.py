@@ -65,7 +65,9 @@ def _checkpoint(state: dict[str, np.ndarray], d: int, n_layers: int, cell: str, 
 def from_keras(weights: list[np.ndarray], reset_after: bool, flip: bool = False) -> dict[str, Any]:
     """charlm checkpoint state from Keras get_weights() order: embedding, (kernel, recurrent, bias) x n, dense."""
     if len(weights) < 6 or (len(weights) - 3) % 3:
-        raise CharlmError(f"expected embedding, 3 arrays per GRU layer and dense kernel+bias; got {len(weights)} arrays")
+        raise CharlmError(
+            f"expected embedding, 3 arrays per GRU layer and dense kernel+bias; got {len(weights)} arrays"
+        )
     emb, dense_k, dense_b = weights[0], weights[-2], weights[-1]
     if emb.shape[0] != 256 or dense_k.shape[-1] != 256:
         raise CharlmError(f"not a byte model: embedding {emb.shape}, dense {dense_k.shape}; both need 256 symbols")
@@ -77,9 +79,13 @@ def from_keras(weights: list[np.ndarray], reset_after: bool, flip: bool = False)
         if u != d:
             raise CharlmError(f"GRU layer {k} has {u} units; charlm needs every layer as wide as the embedding ({d})")
         if reset_after and bias.shape != (2, 3 * u):
-            raise CharlmError(f"GRU layer {k} bias is {bias.shape}: that is a reset_after=False model; use --reset-after false")
+            raise CharlmError(
+                f"GRU layer {k} bias is {bias.shape}: that is a reset_after=False model; use --reset-after false"
+            )
         if not reset_after and bias.shape != (3 * u,):
-            raise CharlmError(f"GRU layer {k} bias is {bias.shape}: that is a reset_after=True model; use --reset-after true")
+            raise CharlmError(
+                f"GRU layer {k} bias is {bias.shape}: that is a reset_after=True model; use --reset-after true"
+            )
         state[f"gru.weight_ih_l{k}"] = _zrh_to_rzn(kernel, u).T
         state[f"gru.weight_hh_l{k}"] = _zrh_to_rzn(recurrent, u).T
         b_ih, b_hh = (bias[0], bias[1]) if reset_after else (bias, np.zeros_like(bias))
@@ -110,7 +116,9 @@ def from_trax(arrays: dict[str, np.ndarray], flip: bool = False) -> dict[str, An
     try:
         emb, dense_w, dense_b = arrays["embedding"], arrays["dense/w"], arrays["dense/b"]
     except KeyError as e:
-        raise CharlmError(f"missing array {e} (expected embedding, gru0/w1, gru0/b1, gru0/w2, gru0/b2, ..., dense/w, dense/b)") from None
+        raise CharlmError(
+            f"missing array {e} (expected embedding, gru0/w1, gru0/b1, gru0/w2, gru0/b2, ..., dense/w, dense/b)"
+        ) from None
     d = emb.shape[1]
     n_layers = len({k.split("/")[0] for k in arrays if k.startswith("gru")})
     state = {"embed.weight": emb, "head.weight": dense_w.T, "head.bias": dense_b}
@@ -134,7 +142,9 @@ def read_keras(path: Path) -> list[np.ndarray]:
     try:
         import h5py
     except ImportError:
-        raise CharlmError("reading .weights.h5 needs h5py (pip install h5py), or save an .npz of model.get_weights()") from None
+        raise CharlmError(
+            "reading .weights.h5 needs h5py (pip install h5py), or save an .npz of model.get_weights()"
+        ) from None
     layers: list[tuple[int, int, list[np.ndarray]]] = []
     with h5py.File(path, "r") as f:
         def visit(name: str, obj: Any) -> None:

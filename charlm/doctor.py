@@ -59,7 +59,8 @@ def check_single(text: Path, work: Path, device: str, precision: str, cell: str)
     state = load_checkpoint(run / "last.pt")
     floats = [t for t in state["model"].values()] + [state["hidden"]]
     if state["step"] != 8 or any(t.dtype != torch.float32 for t in floats):
-        raise RuntimeError(f"resumed run ended at step {state['step']} with dtypes {sorted({str(t.dtype) for t in floats})}")
+        dtypes = sorted({str(t.dtype) for t in floats})
+        raise RuntimeError(f"resumed run ended at step {state['step']} with dtypes {dtypes}")
     model = model_from_state(state).to(device).eval()
     text_out = sample_text(model, "the ", 20, temperature=0.8, generator=torch.Generator(device).manual_seed(0))[0]
     loss, _ = evaluate_loss(model, np.frombuffer(text.read_bytes()[:4096], np.uint8), lanes=4, device=device)
@@ -100,7 +101,8 @@ def _row(label: str, fn: Callable[[], str]) -> tuple[bool, str]:
         detail, ok = fn(), True
     except Exception as e:  # a failing path is a row of the report, not the end of it
         frame = traceback.extract_tb(e.__traceback__)[-1]
-        detail, ok = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} ({Path(frame.filename).name}:{frame.lineno})", False
+        first = str(e).splitlines()[0] if str(e) else ""
+        detail, ok = f"{type(e).__name__}: {first} ({Path(frame.filename).name}:{frame.lineno})", False
     line = f"{label:<34} {'✓' if ok else '✗'} {time.perf_counter() - t:6.1f} s  {detail}"
     print(line, flush=True)
     return ok, line

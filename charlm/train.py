@@ -351,8 +351,8 @@ class Trainer:
         summary = self._summary()
         if self.ddp.world > 1:
             spread = self.ddp.weight_spread(self.model)
-            self.report.say(f"{self.ddp.world} processes {'hold identical weights' if spread == 0 else 'DISAGREE on the weights'}:"
-                            f" largest difference between them {spread:.3g}")
+            verdict = "hold identical weights" if spread == 0 else "DISAGREE on the weights"
+            self.report.say(f"{self.ddp.world} processes {verdict}: largest difference between them {spread:.3g}")
         self.report.summary(summary)
         return summary
 

@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from charlm.checkpoint import load_model
+from charlm.checkpoint import load_model, model_from_state
 from charlm.convert import from_keras, from_trax, to_keras
-from charlm.checkpoint import model_from_state
 from charlm.reference import gru_step
 from conftest import ROOT
 
@@ -51,7 +50,8 @@ def keras_gru_numpy(weights, tokens, reset_after):
             outs.append(h)
         x = np.stack(outs, 1)
     logits = x @ weights[-2] + weights[-1]
-    return logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    top = logits.max(-1, keepdims=True)
+    return logits - np.log(np.exp(logits - top).sum(-1, keepdims=True)) - top
 
 
 TOKENS = np.random.default_rng(5).integers(0, 256, (2, 30))
@@ -156,7 +156,8 @@ for reset_after in (True, False):
         + [keras.layers.Dense(256)])
     m.set_weights([np.random.default_rng(2).normal(0, 0.4, w.shape).astype("float32") for w in m.get_weights()])
     logits = np.asarray(keras.ops.convert_to_numpy(m(tokens)), dtype=np.float64)
-    ref = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    top = logits.max(-1, keepdims=True)
+    ref = logits - np.log(np.exp(logits - top).sum(-1, keepdims=True)) - top
     for kind in ("h5", "npz"):
         path = {str(tmp_path)!r} + f"/m_{{reset_after}}.{{'weights.h5' if kind == 'h5' else 'npz'}}"
         if kind == "h5":

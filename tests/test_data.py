@@ -47,7 +47,8 @@ def test_stream_batches_targets_shift_and_lanes_continue():
 def test_no_window_crosses_a_split():
     # train bytes are 1..99, val 100..199, test 200..255: any crossing shows in the values
     rng = np.random.default_rng(1)
-    d = np.concatenate([rng.integers(1, 100, 9000), rng.integers(100, 200, 500), rng.integers(200, 256, 500)]).astype(np.uint8)
+    parts = [rng.integers(1, 100, 9000), rng.integers(100, 200, 500), rng.integers(200, 256, 500)]
+    d = np.concatenate(parts).astype(np.uint8)
     s = split(d, 0.9, 0.05)
     b = StreamBatches(s["train"], batch_size=8, seq_len=64)
     for k in range(b.n_windows):

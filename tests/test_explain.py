@@ -3,13 +3,13 @@ import json
 
 import numpy as np
 import pytest
+from test_reference import numpy_params, random_model
 
 from charlm.explain import explain_steps, format_step
 from charlm.reference import gru_layer, gru_step
 from charlm.sampling import sample_text
 from charlm.tokenizer import START_BYTE
 from conftest import TINY, run_cli
-from test_reference import numpy_params, random_model
 
 
 @pytest.mark.parametrize("cell", ["reset_after", "reset_before"])
@@ -25,7 +25,8 @@ def test_explain_matches_reference_and_sampler(cell):
     seq = np.array([[START_BYTE, *prompt]])
     x = p["embed.weight"][seq]
     for k, layer in enumerate(steps[0]["layers"]):
-        w = {n: p[f"gru.{n.replace('w_', 'weight_').replace('b_', 'bias_')}_l{k}"] for n in ("w_ih", "w_hh", "b_ih", "b_hh")}
+        names = ("w_ih", "w_hh", "b_ih", "b_hh")
+        w = {n: p[f"gru.{n.replace('w_', 'weight_').replace('b_', 'bias_')}_l{k}"] for n in names}
         _, h = gru_layer(x[:, :-1], np.zeros((1, 10)), w, cell)
         g = gru_step(x[:, -1], h, w, cell)
         assert layer["z"]["mean"] == pytest.approx(g["z"].mean(), abs=1e-5)

@@ -110,7 +110,8 @@ def test_auto_keeps_its_decision_on_resume(tmp_path, text_file, capsys):
     capsys.readouterr()
     train(cfg, run, resume_state=state)
     out = capsys.readouterr().out
-    assert f"precision: {'bf16' if state['precision']['bf16'] else 'fp32'} (auto, as decided when the run started" in out
+    kept = "bf16" if state["precision"]["bf16"] else "fp32"
+    assert f"precision: {kept} (auto, as decided when the run started" in out
     assert load_checkpoint(run / "last.pt")["precision"]["bf16"] == state["precision"]["bf16"]
 
 

@@ -60,7 +60,8 @@ def test_one_unit_gru_by_hand(cell):
     model = CharLM(ModelConfig(d_model=1, n_layers=1, cell=cell)).double()
     with torch.no_grad():
         for name, value in ONE_UNIT.items():
-            getattr(model.gru, name.replace("w_", "weight_").replace("b_", "bias_") + "_l0").copy_(torch.from_numpy(value))
+            param = name.replace("w_", "weight_").replace("b_", "bias_") + "_l0"
+            getattr(model.gru, param).copy_(torch.from_numpy(value))
         y, _ = model.gru(torch.tensor([[[1.0], [-1.0]]], dtype=torch.float64))
     assert y[0, :, 0].tolist() == pytest.approx(HAND[cell], abs=1e-9)
 

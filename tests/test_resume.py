@@ -5,11 +5,11 @@ import time
 
 import pytest
 import torch
+from test_robustness import scalars, start_training, wait_for
 
 from charlm.checkpoint import load_checkpoint
 from charlm.train import lr_factor
 from conftest import TINY, run_cli
-from test_robustness import scalars, start_training, wait_for
 
 RUN = ("data=text", "data.path=notes.txt", *TINY, "model.n_layers=2", "out_dir=run")
 

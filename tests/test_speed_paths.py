@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY, run_cli
 
 from charlm import CharLM, ModelConfig
 from charlm.checkpoint import load_checkpoint
@@ -14,6 +13,7 @@ from charlm.evaluation import evaluate_loss
 from charlm.fused_gru import can_fuse, fused_gru
 from charlm.sampling import ByteStepper
 from charlm.train import budget_lr_factor
+from conftest import TINY, run_cli
 
 
 def layer_by_layer(gru, x, h0):
