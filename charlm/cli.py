@@ -35,11 +35,13 @@ def check_overrides(config_name: str, argv: list[str]) -> None:
     from hydra.errors import HydraException, MissingConfigException
 
     overrides = argv[1:]
+    config_dir = Path(__file__).resolve().parent.parent / "configs"
+    if config_name == "train":
+        _check_recipe_choices(config_dir, overrides)
     if any(a.startswith("-") for a in overrides):
         return
-    config_dir = str(Path(__file__).resolve().parent.parent / "configs")
     try:
-        with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
             compose(config_name, overrides=overrides)
     except MissingConfigException as e:
         options = getattr(e, "options", None) or []
@@ -56,6 +58,19 @@ def check_overrides(config_name: str, argv: list[str]) -> None:
             fail(f"{key}: {str(cause).splitlines()[0]}")
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         fail(" ".join(lines[:2]) + " (quote free text: key='a, b')")
+
+
+def _check_recipe_choices(config_dir: Path, overrides: list[str]) -> None:
+    """model=... and train=... name files that must exist. configs/train.yaml marks these groups
+    optional (a corpus without a recipe takes the defaults), and Hydra skips a missing optional
+    choice without a word, so a misspelt one is caught here (sweeps' a,b,c included)."""
+    for arg in overrides:
+        key, sep, value = arg.partition("=")
+        if sep and key in ("model", "train"):
+            options = sorted(p.stem for p in (config_dir / key).glob("*.yaml"))
+            for choice in value.split(","):
+                if choice not in options:
+                    fail(f"{key}={choice} is not a config; choose one of: {', '.join(options)}")
 
 
 def _to_object(cfg: DictConfig, schema: type) -> Any:

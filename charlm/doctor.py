@@ -88,8 +88,8 @@ def check_ddp(text: Path, work: Path, device: str) -> str:
 def auto_choices(device: torch.device) -> list[str]:
     """What train.precision=auto picks for the default models on this device."""
     lines = []
-    for name, d, batch in (("timemachine", 256, (64, 100)), ("tinyshakespeare", 128, (32, 25))):
-        model = CharLM(ModelConfig(d_model=d, n_layers=2)).to(device)
+    for name, d, dropout, batch in (("timemachine", 256, 0.2, (64, 100)), ("tinyshakespeare", 128, 0.0, (32, 25))):
+        model = CharLM(ModelConfig(d_model=d, n_layers=2, dropout=dropout)).to(device)
         p = choose_precision("auto", model, device, batch)
         lines.append(f"  data={name} ({d}x2, batch {batch[0]}x{batch[1]}) on {device}: {p.name} ({p.why})")
     return lines

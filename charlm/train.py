@@ -179,6 +179,7 @@ class Trainer:
         if ddp.world > 1:  # its own dropout masks on each rank; the batch order below stays shared
             torch.manual_seed(distributed.dropout_seed(cfg.seed, ddp.rank))
         self.generator = torch.Generator().manual_seed(cfg.seed)  # random batching (every rank draws alike)
+        self.sample_gen = torch.Generator(device=device)  # the samples written at evaluations
         self.h: Optional[torch.Tensor] = None  # this rank's lanes' hidden state, carried batch to batch
         note = self.restore(resume_state) if resume_state else None
         self.net = torch.nn.parallel.DistributedDataParallel(self.model) if ddp.world > 1 else self.model
@@ -206,7 +207,6 @@ class Trainer:
         """Train until train.max_steps or the time budget; a signal ends it after the step in hand."""
         p, tc = self.progress, self.tc
         stop = _StopOnSignal(announce=self.ddp.main)
-        self.sample_gen = torch.Generator(device=self.device)
         self.model.train()
         last = not tc.max_seconds and p.step >= tc.max_steps  # the step in hand is the final one
         self.report.start(p.step, None if tc.max_seconds else tc.max_steps)

@@ -36,6 +36,8 @@ TRAIN_CASES = {
     "unknown corpus": (["data.name=wiki"], ["wiki", "timemachine"]),
     "unknown key": (["train.lrr=0.1"], ["train.lrr"]),
     "unknown group option": (["model=huge"], ["model", "huge"]),
+    "unknown recipe": (["train=fast"], ["train=fast is not a config", "tinyshakespeare"]),
+    "unknown option in a sweep": (["-m", "model=tiny,huge"], ["model=huge is not a config"]),
     "wrong type": (["train.lr=fast"], ["train.lr", "fast"]),
     "lr zero": (["train.lr=0"], ["train.lr"]),
     "lr negative": (["train.lr=-1"], ["train.lr"]),

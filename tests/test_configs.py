@@ -1,0 +1,61 @@
+"""Every config composes, and the settings have one source: the dataclasses' defaults are what
+`python train.py` runs, and a recipe YAML holds only what its corpus changes."""
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+import charlm.cli  # noqa: F401  (registers the schemas the configs name)
+from charlm.config import Config, EvaluateConfig, ModelConfig, SampleConfig, TrainConfig
+from charlm.corpora import CORPORA
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+NEEDS = {"text": ["data.path=notes.txt"]}  # what a choice cannot run without
+
+
+def composed(name: str, overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose(name, overrides=overrides)
+    schema = {"train": Config, "sample": SampleConfig, "evaluate": EvaluateConfig}[name]
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), plain))
+
+
+@pytest.mark.parametrize("group", ["data", "model", "train"])
+def test_every_group_option_composes_into_the_schema(group):
+    for option in sorted(p.stem for p in (CONFIGS / group).glob("*.yaml")):
+        overrides = [f"{group}={option}", *NEEDS.get(option, [])]
+        assert isinstance(composed("train", overrides), Config), (group, option)
+
+
+@pytest.mark.parametrize("name", ["sample", "evaluate"])
+def test_the_other_commands_compose(name):
+    assert composed(name, []) is not None
+
+
+def test_the_defaults_are_what_train_py_runs():
+    cfg = composed("train", [])
+    assert cfg.model == ModelConfig() and cfg.train == TrainConfig()  # notebook == recipe
+
+
+def test_corpus_recipes_restate_no_default():
+    """configs/{model,train}/<corpus>.yaml: only what that corpus changes (the named sizes tiny,
+    small and reference list all of themselves)."""
+    defaults = {"train": asdict(TrainConfig()), "model": asdict(ModelConfig())}
+    for group in ("train", "model"):
+        for name in [*CORPORA, "text"]:
+            path = CONFIGS / group / f"{name}.yaml"
+            keys = (yaml.safe_load(path.read_text()) if path.exists() else None) or {}
+            restated = [k for k, v in keys.items() if k != "defaults" and defaults[group].get(k) == v]
+            assert restated == [], f"configs/{group}/{name}.yaml restates defaults: {restated}"
+
+
+def test_a_corpus_needs_only_its_data_file_and_corpora_entry():
+    """A corpus without recipes trains with the defaults (The Time Machine's)."""
+    for name in CORPORA:
+        assert (CONFIGS / "data" / f"{name}.yaml").is_file(), f"configs/data/{name}.yaml is missing"
+    cfg = composed("train", ["data=text", "data.path=notes.txt"])  # text has no recipe of its own
+    assert cfg.model == ModelConfig() and cfg.train == TrainConfig()
