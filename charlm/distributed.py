@@ -83,6 +83,14 @@ class Dist:
         return float((high - low).max())
 
 
+def leave_together(d: Dist) -> None:
+    """Wait for every rank at the end of a run: a rank that leaves the group while another is still
+    writing its summary can abort on exit (seen with gloo: "terminate called without an active
+    exception")."""
+    if d.world > 1:
+        dist.barrier()
+
+
 def dropout_seed(seed: int, rank: int) -> int:
     """The seed of rank's dropout stream: one per rank, all derived from the run's seed."""
     return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])

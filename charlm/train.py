@@ -344,6 +344,7 @@ class Trainer:
         self.report.close()
         self.report.say(f"\nstopped by {signal.Signals(signum).name} at step {self.progress.step}; saved"
                         f" {self.out_dir}/last.pt\nresume with:  python train.py train.resume={self.out_dir}")
+        distributed.leave_together(self.ddp)
         return {**self._summary(), "stopped_by": signum}
 
     def finish(self) -> dict[str, Any]:
@@ -354,6 +355,7 @@ class Trainer:
             verdict = "hold identical weights" if spread == 0 else "DISAGREE on the weights"
             self.report.say(f"{self.ddp.world} processes {verdict}: largest difference between them {spread:.3g}")
         self.report.summary(summary)
+        distributed.leave_together(self.ddp)
         return summary
 
     def _summary(self) -> dict[str, Any]:
