@@ -72,6 +72,9 @@ def main(argv: list[str]) -> None:
     from .checkpoint import load_model, locate_checkpoint
     from .errors import fail
 
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__.strip())
+        return
     args = {}
     for arg in argv:
         key, sep, value = arg.partition("=")

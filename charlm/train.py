@@ -2,7 +2,7 @@
 
     train(cfg, out_dir)                 set up the processes, build a Trainer, run it
       load_splits                       the text, cut by position (train | val | test)
-      Trainer                           model, optimizer, schedule, precision, Progress, Clock
+      Trainer                           model, optimizer, schedule (charlm.schedule), precision, Progress
         run                             the loop: next_batch -> train_step -> apply -> log
                                         -> evaluate_and_save, until the steps or the time run out
         to_checkpoint / restore         every checkpoint key, packed and unpacked in one place
@@ -14,7 +14,6 @@ import math
 import signal
 import time
 from dataclasses import asdict, dataclass, fields, replace
-from functools import partial
 from pathlib import Path
 from typing import Any, Optional
 
@@ -33,25 +32,10 @@ from .evaluation import evaluate_loss, metrics, training_eval_lanes
 from .model import CharLM
 from .report import Reporter
 from .sampling import sample_text
+from .schedule import Clock, make_scheduler
 
 EVAL_SEQ_LEN = 256  # bytes per window when the trainer scores the validation split
 SAMPLE_TEMPERATURE = 0.8  # of the sample written at each evaluation
-
-
-def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warmup to 1, then cosine decay to min_ratio at `total` steps."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def budget_lr_factor(step: int, time_frac: float, warmup: int, min_ratio: float) -> float:
-    """The schedule under train.max_seconds, where time_frac is the part of the budget used:
-    warmup ends after `warmup` steps or 5% of the budget, whichever comes first, and the cosine
-    decay runs over the budget."""
-    warm = min(1.0, max((step + 1) / max(1, warmup), time_frac / 0.05))
-    return warm * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, time_frac))))
 
 
 def make_optimizer(model: CharLM, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -80,51 +64,6 @@ def load_splits(cfg: Config) -> tuple[np.ndarray, np.ndarray, int]:
         )
     scored = val_data[: cfg.train.eval_bytes] if cfg.train.eval_bytes else val_data
     return train_data, scored, len(val_data)
-
-
-class Clock:
-    """Steps or seconds. Under train.max_seconds: the part of the budget used (which the schedule
-    reads) and whether it has run out, leaving room for the final evaluation."""
-
-    def __init__(self, budget: float, spent: float, start_step: int, val_bytes: int) -> None:
-        self.budget, self.spent, self.start_step, self.val_bytes = budget, spent, start_step, val_bytes
-        self.frac = 0.0  # rank 0's reading, shared with every rank (Trainer.agree)
-        self.t_start = time.perf_counter()  # start() sets it again as the first step begins
-        self.eval_seconds, self.eval_cost = 0.0, None  # evaluating in this run; the last evaluation
-        self.elapsed = self.per_step = self.finish_at = 0.0
-
-    def read(self, steps_done: int, tokens: int) -> tuple[float, float]:
-        """(part of the budget used, 1.0 if it has run out) once step number steps_done is done."""
-        now = time.perf_counter()
-        self.elapsed = self.spent + now - self.t_start
-        self.per_step = (now - self.t_start - self.eval_seconds) / (steps_done - self.start_step)
-        # the final evaluation must fit too; before the first one, guess it from the training speed
-        final_eval = self.eval_cost if self.eval_cost is not None else self.val_bytes * self.per_step / tokens / 3
-        self.finish_at = self.budget - final_eval - self.per_step
-        return min(1.0, self.elapsed / max(self.finish_at, 1e-9)), float(self.elapsed >= self.finish_at)
-
-    def start(self) -> None:
-        self.t_start = time.perf_counter()
-
-    def steps_left(self) -> int:
-        return int((self.finish_at - self.elapsed) / self.per_step) + 1
-
-    def evaluated(self, seconds: float) -> None:
-        self.eval_cost = seconds
-        self.eval_seconds += seconds
-
-    def run_seconds(self) -> float:
-        """Wall time of this run so far, evaluations included."""
-        return time.perf_counter() - self.t_start
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, tc: TrainConfig, clock: Clock) -> LambdaLR:
-    """Warmup then cosine decay, over train.max_steps or over the time budget (clock.frac)."""
-    min_ratio = tc.min_lr / tc.lr
-    if tc.max_seconds:
-        schedule = partial(budget_lr_factor, warmup=tc.warmup_steps, min_ratio=min_ratio)
-        return LambdaLR(optimizer, lambda step: schedule(step, clock.frac))
-    return LambdaLR(optimizer, partial(lr_factor, warmup=tc.warmup_steps, total=tc.max_steps, min_ratio=min_ratio))
 
 
 @dataclass

@@ -12,7 +12,7 @@ from charlm.checkpoint import load_checkpoint
 from charlm.evaluation import evaluate_loss
 from charlm.fused_gru import can_fuse, fused_gru
 from charlm.sampling import ByteStepper
-from charlm.train import budget_lr_factor
+from charlm.schedule import budget_lr_factor
 from conftest import TINY, run_cli
 
 
