@@ -18,6 +18,8 @@ from omegaconf.errors import OmegaConfBaseException
 from .config import Config, EvaluateConfig, SampleConfig
 from .errors import CharlmError, fail
 
+EVALUATE_SEQ_LEN = 512  # bytes per window for evaluate.py (one stream: the window only sets the work per call)
+
 # The schemas the YAML files in configs/ are checked against: a typo'd key or a wrong type
 # stops the run at start-up.
 _store = ConfigStore.instance()
@@ -247,7 +249,6 @@ def run_evaluate(cfg: DictConfig) -> None:
     _guarded(go)
 
 
-EVALUATE_SEQ_LEN = 512  # bytes per window for evaluate.py (one stream: the window only sets the work per call)
 def evaluate(cfg: EvaluateConfig, data_given: bool = True) -> dict[str, float]:
     """`python evaluate.py`: score a split (or a whole file) and print the figures.
 
@@ -266,16 +267,16 @@ def evaluate(cfg: EvaluateConfig, data_given: bool = True) -> dict[str, float]:
     data_cfg = cfg.data if data_given else DataConfig(**state["config"]["data"])
     text_path = corpus_path(data_cfg)
     data = load_bytes(text_path)
+    parts = split(data, data_cfg.train_frac, data_cfg.val_frac)
     which, note = cfg.split, ""
     if which is None and data_given and data_cfg.name == "text":
         which = "all"  # a file of one's own: all of it
     elif which is None:
-        parts = split(data, data_cfg.train_frac, data_cfg.val_frac)
         which = "test" if len(parts["test"]) else "val"
         if which == "val":
             note = f"{data_cfg.name} has no test split (data.train_frac + data.val_frac = 1): scoring val"
     if which != "all":
-        data = split(data, data_cfg.train_frac, data_cfg.val_frac)[which]
+        data = parts[which]
     if len(data) == 0:
         raise CharlmError(
             f"split={which} of {text_path} is empty at data.train_frac={data_cfg.train_frac},"

@@ -49,10 +49,6 @@ class Dist:
         total = t.tolist()
         return [v / self.world for v in total[: len(mean)]], total[len(mean) :]
 
-    def mean(self, values: list[float]) -> list[float]:
-        """Average values over ranks (one all-reduce; a no-op in a single process)."""
-        return self.agree(values)[0]
-
     def from_main(self, values: list[float]) -> list[float]:
         """Rank 0's values, on every rank."""
         return self.agree([], values)[1]

@@ -48,7 +48,6 @@ def test_every_collective_is_handed_tensors_on_the_training_device(monkeypatch):
     d = Dist(rank=0, world=2, device=torch.device("meta"))
     model = CharLM(ModelConfig(d_model=8, n_layers=1))
     calls = {
-        "mean": lambda: d.mean([1.0, 0.0]),
         "agree": lambda: d.agree([1.0], [0.5, 0.0]),
         "from_main": lambda: d.from_main([1.0]),
         "gather_lanes": lambda: d.gather_lanes(torch.zeros(1, 4, 8, device="meta")),
