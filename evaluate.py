@@ -1,4 +1,6 @@
-"""Score a text with a trained model: python evaluate.py checkpoint=RUN data=timemachine split=test
+"""python evaluate.py: score a text with a trained model (bytes, nats/byte, perplexity, bits/byte).
+
+    python evaluate.py [checkpoint=RUN_DIR|FILE.pt] [data=...] [split=test|val|train|all] [format=json]
 
 The whole text is read as one stream with the hidden state carried from window to window (not
 as independent windows), so every byte is predicted from everything before it.
@@ -17,5 +19,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    check_overrides("evaluate", sys.argv)  # a typo'd or mistyped override: one clear line
+    check_overrides("evaluate", sys.argv, __doc__)  # a typo'd or mistyped override: one clear line
     main()

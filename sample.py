@@ -1,4 +1,9 @@
-"""Write text with a trained model: python sample.py prompt="t" length=32"""
+"""python sample.py: write text with a trained model.
+
+    python sample.py [checkpoint=RUN_DIR|FILE.pt] prompt="..." [length=200] [temperature=0.8] ...
+
+prompt=, prompt_file= and stop= take free text exactly as typed; temperature=0 is greedy.
+"""
 import sys
 
 import hydra
@@ -15,5 +20,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    check_overrides("sample", sys.argv)  # a typo'd or mistyped override: one clear line
+    check_overrides("sample", sys.argv, __doc__)  # a typo'd or mistyped override: one clear line
     main()

@@ -1,4 +1,11 @@
-"""Train a byte-level GRU language model: python train.py data=timemachine"""
+"""python train.py: train a byte-level GRU language model.
+
+    python train.py [data=timemachine|tinyshakespeare|text] [model=...] [key=value ...]
+
+A run writes config.yaml, last.pt, best.pt and TensorBoard events to out_dir; README.md has
+examples. data=tinyshakespeare also takes configs/model/tinyshakespeare.yaml and
+configs/train/tinyshakespeare.yaml, which change some of the defaults below.
+"""
 import sys
 
 import hydra
@@ -13,5 +20,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    check_overrides("train", sys.argv)  # a typo'd or mistyped override: one clear line
+    check_overrides("train", sys.argv, __doc__)  # a typo'd or mistyped override: one clear line
     main()

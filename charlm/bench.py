@@ -1,14 +1,15 @@
 """python -m charlm.bench: how fast charlm trains and samples on this machine, in one table.
 
+    python -m charlm.bench [device=cuda] [d_model=512] [batch_size=32] [reps=5] ...
+
 Training: charlm's real step (CharLM, AdamW, gradient clipping, train.precision=auto) against a
 plain PyTorch loop (Embedding -> nn.GRU -> Linear -> LogSoftmax, Adam, fp32), same sizes and
-same batches, timed in turn in this one process; medians with min-max over --reps repetitions.
+same batches, timed in turn in this one process; medians with min-max over `reps` repetitions.
 Sampling: bytes/s at batch 1 and 64, and the cost of 2,000 bytes over 500 (4 means linear).
 Peak memory: the process's resident high-water mark (and CUDA's, on a GPU).
 """
 from __future__ import annotations
 
-import argparse
 import platform
 import resource
 import statistics
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig, TrainConfig
+from .config import BenchConfig, ModelConfig, TrainConfig
 from .device import choose_precision, resolve_device
 from .errors import CharlmError
 from .model import CharLM
@@ -78,17 +79,17 @@ def _fmt(times: list[float], work: float) -> tuple[float, str]:
     return med, f"{med:>9,.0f}  ({rates[0]:,.0f}-{rates[-1]:,.0f})"
 
 
-def bench_training(args: argparse.Namespace, device: torch.device) -> list[str]:
+def bench_training(args: BenchConfig, device: torch.device) -> list[str]:
     torch.manual_seed(0)
-    tc = TrainConfig(batch_size=args.batch, seq_len=args.seq)
-    plain = PlainGRU(args.d_model, args.layers).to(device)
+    tc = TrainConfig(batch_size=args.batch_size, seq_len=args.seq_len)
+    plain = PlainGRU(args.d_model, args.n_layers).to(device)
     plain_opt = torch.optim.Adam(plain.parameters(), lr=1e-3)
-    ours = CharLM(ModelConfig(d_model=args.d_model, n_layers=args.layers, dropout=0.0)).to(device)
+    ours = CharLM(ModelConfig(d_model=args.d_model, n_layers=args.n_layers, dropout=0.0)).to(device)
     ours.load_state_dict(plain.state_dict())  # same names, same initial weights
     ours_opt = make_optimizer(ours, tc)
-    precision = choose_precision(args.precision, ours, device, (args.batch, args.seq))
+    precision = choose_precision(args.precision, ours, device, (args.batch_size, args.seq_len))
     bf16, why = precision.bf16, precision.why
-    batches = _batches(args.steps, args.batch, args.seq, device)
+    batches = _batches(args.steps, args.batch_size, args.seq_len, device)
 
     def plain_steps() -> float:
         for x, y in batches:
@@ -109,12 +110,12 @@ def bench_training(args: argparse.Namespace, device: torch.device) -> list[str]:
     for _ in range(args.reps):  # in turn, so drift in the machine's speed hits both alike
         t_plain.append(_time(plain_steps, device))
         t_ours.append(_time(our_steps, device))
-    tokens = args.steps * args.batch * args.seq
+    tokens = args.steps * args.batch_size * args.seq_len
     plain_rate, plain_s = _fmt(t_plain, tokens)
     our_rate, our_s = _fmt(t_ours, tokens)
     flops = 6 * sum(p.numel() for n, p in ours.named_parameters() if not n.startswith("embed"))
     return [
-        f"training, d_model {args.d_model} x {args.layers} layers, batch {args.batch} x seq {args.seq}, "
+        f"training, d_model {args.d_model} x {args.n_layers} layers, batch {args.batch_size} x seq {args.seq_len}, "
         f"{args.steps} steps per repetition, {args.reps} repetitions",
         f"  plain nn.GRU loop, fp32, Adam      {plain_s} tokens/s",
         f"  charlm step, {'bf16' if bf16 else 'fp32'} ({why.split(':')[0]}){' ' * max(1, 17 - len(why.split(':')[0]))}"
@@ -126,9 +127,9 @@ def bench_training(args: argparse.Namespace, device: torch.device) -> list[str]:
     ]
 
 
-def bench_sampling(args: argparse.Namespace, device: torch.device) -> list[str]:
+def bench_sampling(args: BenchConfig, device: torch.device) -> list[str]:
     torch.manual_seed(0)
-    model = CharLM(ModelConfig(d_model=args.d_model, n_layers=args.layers)).to(device).eval()
+    model = CharLM(ModelConfig(d_model=args.d_model, n_layers=args.n_layers)).to(device).eval()
     lines = ["sampling, temperature 0.8, hidden state carried (one GRU step per byte)"]
     for n in (1, 64):
         times = {}
@@ -149,23 +150,13 @@ def bench_sampling(args: argparse.Namespace, device: torch.device) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m charlm.bench", description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
-    p.add_argument("--d-model", type=int, default=512)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--seq", type=int, default=100)
-    p.add_argument("--steps", type=int, default=5, help="training steps per timed repetition")
-    p.add_argument("--reps", type=int, default=5, help="timed repetitions of each training loop")
-    p.add_argument("--sample-reps", type=int, default=3)
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
-    p.add_argument("--skip", choices=["training", "sampling"], action="append", default=[])
-    args = p.parse_args(argv)
-    for name in ("d_model", "layers", "batch", "seq", "steps", "reps", "sample_reps"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
+def main(argv: list[str]) -> int:
+    from .cli import parse_settings
+
     try:
+        args = parse_settings(BenchConfig, argv, __doc__)
+        if args is None:
+            return 0
         device = resolve_device(args.device)
     except CharlmError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -181,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         + f" | {torch.get_num_threads()} threads | CPU capability {torch.backends.cpu.get_cpu_capability()}"
     )
     for name, section in (("training", bench_training), ("sampling", bench_sampling)):
-        if name not in args.skip:
+        if name != args.skip:
             print("\n".join(section(args, device)), flush=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     print(f"peak memory: {peak:,.0f} MiB resident"
@@ -191,4 +182,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(sys.argv[1:]))

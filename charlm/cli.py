@@ -5,11 +5,13 @@ into the plain dataclasses of charlm.config once, and turns user errors into one
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -28,16 +30,84 @@ _store.store(name="sample_schema", node=SampleConfig)
 _store.store(name="evaluate_schema", node=EvaluateConfig)
 
 
-def check_overrides(config_name: str, argv: list[str]) -> None:
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+SCHEMAS = {"train": Config, "sample": SampleConfig, "evaluate": EvaluateConfig}
+
+
+def settings_help(schema: type, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default as shown, help) for every setting of schema, sections flattened (train.lr)."""
+    rows = []
+    for f in dataclasses.fields(schema):
+        if dataclasses.is_dataclass(f.type) or (isinstance(f.type, str) and f.type.endswith("Config")):
+            rows += settings_help(type(getattr(schema(), f.name)), f"{prefix}{f.name}.")
+            continue
+        shown = f.metadata.get("shown") or show_value(f.default)
+        rows.append((prefix + f.name, shown, f.metadata.get("help", "")))
+    return rows
+
+
+def show_value(value: Any) -> str:
+    """A default as --help and the README write it: true/false, 0.003, 1e-05."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _plain(markdown: str) -> str:
+    """README markdown as terminal text: no backticks, a link as its words."""
+    return re.sub(r"\[([^\]]+)\]\([^)]+\)", r"\1", markdown).replace("`", "")
+
+
+def help_text(usage: str, schema: type, groups: Optional[dict[str, list[str]]] = None) -> str:
+    """usage, then every setting as `key=default` over its help (what --help prints)."""
+    lines = [usage.strip(), ""]
+    if groups:
+        lines.append("config groups (each choice a file in configs/<group>/):")
+        lines += [f"  {group}=  one of {', '.join(options)}" for group, options in groups.items()]
+        lines.append("")
+    rows = settings_help(schema)
+    lines.append("settings (key=value; the default after =):" if rows else "settings: none")
+    for key, default, text in rows:
+        lines += [f"  {key}={_plain(default)}", f"      {_plain(text)}"]
+    return "\n".join(lines)
+
+
+def _group_choices(config_name: str) -> dict[str, list[str]]:
+    groups = ("data", "model", "train") if config_name == "train" else ("data",) if config_name == "evaluate" else ()
+    return {g: sorted(p.stem for p in (CONFIG_DIR / g).glob("*.yaml")) for g in groups}
+
+
+def parse_settings(schema: type, argv: list[str], usage: str) -> Any:
+    """`key=value` arguments as a schema instance, for the `python -m charlm.X` tools; None after
+    printing the help for -h/--help. A bad argument raises CharlmError naming it."""
+    prog = usage.strip().split(":")[0]
+    if any(a in ("-h", "--help") for a in argv):
+        print(help_text(usage, schema))
+        return None
+    for arg in argv:
+        if "=" not in arg or arg.startswith("-"):
+            raise CharlmError(f"{arg!r} is not a key=value setting; `{prog} --help` lists them")
+    try:
+        given = OmegaConf.from_dotlist(argv)
+    except OmegaConfBaseException as e:
+        raise CharlmError(str(e).splitlines()[0]) from None
+    return _to_object(given, schema, prog)
+
+
+def check_overrides(config_name: str, argv: list[str], usage: str) -> None:
     """Compose the config once up front so that a bad override ends in one line, not Hydra's page.
 
-    Hydra's own flags (--help, --cfg, -m, ...) are left to Hydra.
+    -h/--help prints usage and every setting with its default and help; Hydra's other flags
+    (--cfg, -m, --hydra-help, ...) are left to Hydra.
     """
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException, MissingConfigException
 
     overrides = argv[1:]
-    config_dir = Path(__file__).resolve().parent.parent / "configs"
+    config_dir = CONFIG_DIR
+    if any(a in ("-h", "--help") for a in overrides):
+        print(help_text(usage, SCHEMAS[config_name], _group_choices(config_name)))
+        sys.exit(0)
     if config_name == "train":
         _check_recipe_choices(config_dir, overrides)
     if any(a.startswith("-") for a in overrides):
@@ -55,7 +125,7 @@ def check_overrides(config_name: str, argv: list[str]) -> None:
         cause = e.__cause__
         key = getattr(cause, "full_key", None)
         if key and "not in" in str(cause):
-            fail(f"{key} is not a setting; `python {config_name}.py --cfg job` lists them all")
+            fail(f"{key} is not a setting; `python {config_name}.py --help` lists them all")
         if key:
             fail(f"{key}: {str(cause).splitlines()[0]}")
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
@@ -75,8 +145,9 @@ def _check_recipe_choices(config_dir: Path, overrides: list[str]) -> None:
                     fail(f"{key}={choice} is not a config; choose one of: {', '.join(options)}")
 
 
-def _to_object(cfg: DictConfig, schema: type) -> Any:
-    """The composed config as plain dataclass instances (runs their validation)."""
+def _to_object(cfg: DictConfig, schema: type, prog: str = "") -> Any:
+    """The composed config as plain dataclass instances (runs their validation); prog names the
+    command whose --help lists the settings, for a key that is not one."""
     try:
         # Through a plain container: a schema-typed config would carry `+key=...` additions along.
         plain = OmegaConf.to_container(cfg, resolve=True)
@@ -86,6 +157,10 @@ def _to_object(cfg: DictConfig, schema: type) -> Any:
         key = getattr(e, "full_key", None)
         if "Missing mandatory value" in msg and key:
             msg = f"{key} needs a value: add {key}=..."
+        elif prog and key and " not in " in msg:
+            msg = f"{key} is not a setting; `{prog} --help` lists them"
+        elif key and key not in msg:
+            msg = f"{key}: {msg}"
         raise CharlmError(msg) from None
 
 
@@ -265,7 +340,7 @@ def evaluate(cfg: EvaluateConfig, data_given: bool = True) -> dict[str, float]:
     state = load_checkpoint(path)
     model = model_from_state(state).to(device)
     data_cfg = cfg.data if data_given else DataConfig(**state["config"]["data"])
-    text_path = corpus_path(data_cfg)
+    text_path = corpus_path(data_cfg, lambda message: print(message, file=sys.stderr))
     data = load_bytes(text_path)
     parts = split(data, data_cfg.train_frac, data_cfg.val_frac)
     which, note = cfg.split, ""

@@ -1,25 +1,35 @@
-"""Every setting as plain dataclasses: Hydra checks overrides against them, the code reads them."""
+"""Every setting as plain dataclasses: Hydra checks overrides against them, the code reads them.
+
+Each setting is declared once, with its default and its help (`setting(...)`): `--help` prints
+that help, and a test checks the README's tables against it.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from .corpora import CORPORA
 from .errors import CharlmError
 
 # This module imports neither torch nor hydra, so a mistyped setting fails in a fraction of a
-# second; each dataclass below is the schema of one config group in configs/.
+# second; each dataclass below is the schema of one command or config group.
+
+
+def setting(default: Any, help: str, shown: Optional[str] = None) -> Any:
+    """A dataclass field with its help; `shown` is how --help and the README give a default that
+    the code computes (None: "the newest run", a date in a path)."""
+    return field(default=default, metadata={"help": help, **({"shown": shown} if shown else {})})
 
 
 @dataclass
 class DataConfig:
     """Which text to train on and how to split it (fractions by position)."""
 
-    name: str = "timemachine"  # a key of CORPORA, or "text" for data.path
-    path: Optional[str] = None  # the file for name=text
-    cache_dir: str = "data"  # where named corpora are downloaded to
-    train_frac: float = 0.9
-    val_frac: float = 0.05  # test gets the rest
+    name: str = setting("timemachine", "the corpus: set by `data=`; a key of `charlm/corpora.py`, or `text`")
+    path: Optional[str] = setting(None, "the file to read with `data=text`", shown="none")
+    cache_dir: str = setting("data", "where named corpora are downloaded to")
+    train_frac: float = setting(0.9, "the first part of the text, for training")
+    val_frac: float = setting(0.05, "the next part, for validation; the test split gets the rest")
 
     def __post_init__(self) -> None:
         if self.name not in CORPORA and self.name != "text":
@@ -41,10 +51,10 @@ class ModelConfig:
     """Architecture of a CharLM; stored in every checkpoint as a plain dict. The defaults are the
     size `python train.py` trains (model=small); model=reference is the original 512x2."""
 
-    d_model: int = 256
-    n_layers: int = 2
-    dropout: float = 0.2
-    cell: str = "reset_after"  # reset_after: nn.GRU (cuDNN on CUDA); reset_before: the Trax/d2l cell
+    d_model: int = setting(256, "embedding and GRU width")
+    n_layers: int = setting(2, "stacked GRU layers")
+    dropout: float = setting(0.2, "dropout on the embeddings, between GRU layers and before the output layer")
+    cell: str = setting("reset_after", "`reset_after` (nn.GRU, cuDNN) or `reset_before` (the Trax / d2l cell)")
 
 
 @dataclass
@@ -52,25 +62,32 @@ class TrainConfig:
     """Optimisation, schedule, evaluation and device settings. The defaults are The Time Machine's
     recipe, what `python train.py` runs; configs/train/<data>.yaml holds what another corpus changes."""
 
-    batch_size: int = 64
-    seq_len: int = 100
-    batching: str = "stream"  # stream: lanes with the state carried; random: fresh windows
-    max_steps: int = 1100
-    # a wall-clock budget from the first step, evaluations included, in place of max_steps; 0 = none
-    max_seconds: float = 0
-    lr: float = 3e-3  # peak learning rate, after warmup
-    min_lr: float = 1e-4  # reached at max_steps by cosine decay
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0  # max gradient norm; 0 = no clipping
-    eval_every: int = 100  # steps between val evaluations, checkpoints and samples
-    eval_bytes: int = 262144  # each evaluation scores the first eval_bytes of val (256 KiB: seconds); 0 = all of it
-    sample_length: int = 200  # bytes of the sample written at each evaluation
-    log_every: int = 10
-    device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto | fp32 | bf16 (autocast); auto: bf16 where the hardware does it natively
-    resume: Optional[str] = None  # run dir or .pt to continue from
-    on_nonfinite: str = "stop"  # a NaN/inf loss or gradient: stop (keep checkpoints) or skip the step
+    batch_size: int = setting(64, "lanes per batch")
+    seq_len: int = setting(100, "bytes per window (backpropagation length)")
+    batching: str = setting(
+        "stream", "`stream`: lanes with the hidden state carried; `random`: random windows, fresh state")
+    max_steps: int = setting(1100, "optimizer steps")
+    max_seconds: float = setting(
+        0, "a wall-clock budget in seconds, from the first step, evaluations included; replaces"
+        " `train.max_steps`, and the learning-rate schedule stretches over it (0: no budget)")
+    lr: float = setting(3e-3, "peak learning rate (AdamW), reached after the warmup")
+    min_lr: float = setting(1e-4, "the learning rate cosine decay reaches at the last step")
+    warmup_steps: int = setting(100, "steps of linear warmup")
+    weight_decay: float = setting(
+        0.1, "AdamW's weight decay, on the weight matrices (the embedding's too), not the biases")
+    grad_clip: float = setting(1.0, "largest gradient norm; larger ones are scaled down (0: no clipping)")
+    eval_every: int = setting(100, "steps between evaluations, checkpoints and samples")
+    eval_bytes: int = setting(
+        262144, "each evaluation scores the first N bytes of the validation split (0: all of it);"
+        " both named corpora fit whole")
+    sample_length: int = setting(200, "bytes of the sample written at each evaluation")
+    log_every: int = setting(10, "steps between the training loss's log points")
+    device: str = setting("auto", "`auto` (CUDA when present, else CPU), `cpu`, `cuda`, `cuda:N`")
+    precision: str = setting(
+        "auto", "`fp32`, `bf16` (autocast), or `auto`: times a training step in both at start-up and"
+        " takes bf16 only where it is clearly faster (see [Precision](#precision))")
+    resume: Optional[str] = setting(None, "a run directory or `.pt` to continue", shown="none")
+    on_nonfinite: str = setting("stop", "a NaN/inf loss or gradient: `stop` with a message, or `skip` the step")
 
     def __post_init__(self) -> None:
         positive = ("batch_size", "seq_len", "max_steps", "eval_every", "log_every")
@@ -102,6 +119,13 @@ def check_device(name: str, key: str) -> None:
         raise CharlmError(f"{key} must be auto, cpu, cuda or cuda:N, got {name!r}")
 
 
+def check_choice(value: Any, key: str, choices: tuple[Any, ...]) -> None:
+    """value is one of choices (None among them: the setting may be left out)."""
+    if value not in choices:
+        names = [str(c) for c in choices if c is not None]
+        raise CharlmError(f"{key} must be {', '.join(names[:-1])} or {names[-1]}, got {value!r}")
+
+
 def _check_model(m: ModelConfig) -> None:
     if m.d_model < 1:
         raise CharlmError(f"model.d_model must be at least 1, got {m.d_model}")
@@ -120,28 +144,30 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    seed: int = 0
-    out_dir: str = "runs/run"
+    seed: int = setting(0, "seeds initialisation, batching and the in-training samples")
+    out_dir: str = setting("runs/run", "where the run is written", shown="runs/<data>/<date>_<time>")
 
     def __post_init__(self) -> None:
         _check_model(self.model)
+
+
+NEWEST = "newest run under `runs/`"
 
 
 @dataclass
 class EvaluateConfig:
     """What `python evaluate.py` runs."""
 
-    checkpoint: Optional[str] = None  # run dir or .pt; default: the newest run under runs/
+    checkpoint: Optional[str] = setting(None, "a run directory (its `best.pt`) or a `.pt` file", shown=NEWEST)
     data: DataConfig = field(default_factory=DataConfig)
-    split: Optional[str] = None  # train | val | test | all; default: test, or all for data=text
-    format: str = "text"  # text | json
-    device: str = "cpu"
+    split: Optional[str] = setting(
+        None, "`train`, `val`, `test` or `all`", shown="`test` (`val` where there is none), or `all` for `data=text`")
+    format: str = setting("text", "`text` or `json` (one strict JSON object)")
+    device: str = setting("cpu", "`cpu`, `cuda`, `cuda:N` or `auto`")
 
     def __post_init__(self) -> None:
-        if self.split not in (None, "train", "val", "test", "all"):
-            raise CharlmError(f"split must be train, val, test or all, got {self.split!r}")
-        if self.format not in ("text", "json"):
-            raise CharlmError(f"format must be text or json, got {self.format!r}")
+        check_choice(self.split, "split", (None, "train", "val", "test", "all"))
+        check_choice(self.format, "format", ("text", "json"))
         check_device(self.device, "device")
 
 
@@ -149,23 +175,23 @@ class EvaluateConfig:
 class SampleConfig:
     """What `python sample.py` runs."""
 
-    checkpoint: Optional[str] = None  # run dir or .pt; default: the newest run under runs/
-    prompt: str = ""
-    prompt_file: Optional[str] = None
-    length: int = 200  # new bytes to write after the prompt
-    temperature: float = 0.8  # 0 = greedy
-    top_k: Optional[int] = None
-    top_p: Optional[float] = None  # nucleus sampling: keep the most likely bytes up to this mass
-    stop: str = ""  # end a sample at the first occurrence of this text (included)
-    seed: Optional[int] = None  # same seed, same text; default: a fresh one, printed
-    num_samples: int = 1
-    device: str = "cpu"
-    explain: bool = False  # per byte: the top 5 candidates and every layer's gates
-    explain_format: str = "text"  # text | json (one object per step)
+    checkpoint: Optional[str] = setting(None, "a run directory (its `best.pt`) or a `.pt` file", shown=NEWEST)
+    prompt: str = setting("", "text to continue, taken exactly as typed; empty means start of text", shown="empty")
+    prompt_file: Optional[str] = setting(None, "read the prompt from a UTF-8 file", shown="none")
+    length: int = setting(200, "new bytes to write")
+    temperature: float = setting(0.8, "0 is greedy (always the most likely byte); higher is more adventurous")
+    top_k: Optional[int] = setting(None, "sample only among the k most likely bytes (1–256)", shown="none")
+    top_p: Optional[float] = setting(
+        None, "nucleus sampling: only the most likely bytes whose probabilities add up to p", shown="none")
+    stop: str = setting("", "end each sample just after the first occurrence of this text", shown="none")
+    seed: Optional[int] = setting(None, "the same seed gives the same text", shown="random, printed")
+    num_samples: int = setting(1, "write several samples at once (a batch)")
+    device: str = setting("cpu", "`cpu`, `cuda`, `cuda:N` or `auto`; a model trained on a GPU samples on the CPU")
+    explain: bool = setting(False, "per byte: top 5 candidates and every layer's gates (see Inside the GRU)")
+    explain_format: str = setting("text", "`text` or `json`")
 
     def __post_init__(self) -> None:
-        if self.explain_format not in ("text", "json"):
-            raise CharlmError(f"explain_format must be text or json, got {self.explain_format!r}")
+        check_choice(self.explain_format, "explain_format", ("text", "json"))
         if self.explain and self.num_samples != 1:
             raise CharlmError("explain=true explains one sample; leave num_samples at 1")
         if self.length < 0:
@@ -181,3 +207,65 @@ class SampleConfig:
         if self.prompt and self.prompt_file:
             raise CharlmError("give prompt= or prompt_file=, not both")
         check_device(self.device, "device")
+
+
+@dataclass
+class ExportConfig:
+    """What `python -m charlm.export` runs."""
+
+    checkpoint: Optional[str] = setting(None, "a run directory (its `best.pt`) or a `.pt` file", shown=NEWEST)
+    format: str = setting("onnx", "`onnx` (one decoding step) or `keras` (an `.npz` of Keras's get_weights())")
+    out: Optional[str] = setting(
+        None, "the file to write", shown="`model.onnx` or `keras_weights.npz` beside the checkpoint")
+
+    def __post_init__(self) -> None:
+        check_choice(self.format, "format", ("onnx", "keras"))
+
+
+@dataclass
+class ConvertConfig:
+    """What `python -m charlm.convert` runs."""
+
+    format: str = setting("keras", "`keras` (`.weights.h5`, or `.npz` of get_weights()) or `trax` (`.npz`)")
+    weights: Optional[str] = setting(None, "the file to read", shown="required")
+    out: Optional[str] = setting(None, "the charlm checkpoint (`.pt`) to write", shown="required")
+    reset_after: Optional[bool] = setting(
+        None, "the Keras GRU's reset_after (required for Keras; Trax's cell is reset-before)", shown="none")
+    flip_update_gate: bool = setting(False, "the weights use h' = (1-z)*h + z*n")
+
+    def __post_init__(self) -> None:
+        check_choice(self.format, "format", ("keras", "trax"))
+        for key in ("weights", "out"):
+            if not getattr(self, key):
+                raise CharlmError(f"{key}= is required; `python -m charlm.convert --help` shows an example")
+        if self.format == "keras" and self.reset_after is None:
+            raise CharlmError("format=keras needs reset_after=true or reset_after=false (the Keras GRU's setting)")
+
+
+@dataclass
+class BenchConfig:
+    """What `python -m charlm.bench` runs."""
+
+    device: str = setting("cpu", "`cpu`, `cuda`, `cuda:N` or `auto`")
+    d_model: int = setting(512, "model width")
+    n_layers: int = setting(2, "stacked GRU layers")
+    batch_size: int = setting(32, "lanes per training batch")
+    seq_len: int = setting(100, "bytes per training window")
+    steps: int = setting(5, "training steps per timed repetition")
+    reps: int = setting(5, "timed repetitions of each training loop")
+    sample_reps: int = setting(3, "timed repetitions of each sampling figure")
+    precision: str = setting("auto", "charlm's precision: `auto`, `fp32` or `bf16`")
+    skip: str = setting("", "`training` or `sampling`: leave that part out", shown="none")
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "n_layers", "batch_size", "seq_len", "steps", "reps", "sample_reps"):
+            if getattr(self, name) < 1:
+                raise CharlmError(f"{name} must be at least 1, got {getattr(self, name)}")
+        check_choice(self.precision, "precision", ("auto", "fp32", "bf16"))
+        check_choice(self.skip, "skip", ("", "training", "sampling"))
+        check_device(self.device, "device")
+
+
+@dataclass
+class DoctorConfig:
+    """`python -m charlm.doctor` takes no settings."""

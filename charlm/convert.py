@@ -1,8 +1,9 @@
-"""Move weights between charlm and Keras / Trax GRU language models, exactly.
+"""python -m charlm.convert: Keras / Trax GRU language-model weights as a charlm checkpoint, exactly.
 
-    python -m charlm.convert keras WEIGHTS OUT.pt --reset-after true|false [--flip-update-gate]
-    python -m charlm.convert trax WEIGHTS.npz OUT.pt [--flip-update-gate]
-    python -m charlm.convert to-keras CHECKPOINT OUT.npz
+    python -m charlm.convert format=keras weights=model.weights.h5 out=imported.pt reset_after=true
+    python -m charlm.convert format=trax weights=gru_lm.npz out=imported.pt [flip_update_gate=true]
+
+The other way: python -m charlm.export checkpoint=RUN format=keras.
 
 The Keras model is Embedding(256, d) -> GRU(d, return_sequences=True) x n -> Dense(256), given as a
 `.weights.h5` file or an `.npz` of `model.get_weights()`. Keras keeps gates in the order z, r, h
@@ -14,7 +15,6 @@ b1 (2U,), w2 (in+U, U), b2 (U,). The result is an ordinary charlm checkpoint.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import load_checkpoint, model_state, resolve_checkpoint, save_checkpoint
-from .config import ModelConfig
+from .checkpoint import model_state, save_checkpoint
+from .config import ConvertConfig, ModelConfig
 from .errors import CharlmError
 from .model import CharLM
 
@@ -80,11 +80,11 @@ def from_keras(weights: list[np.ndarray], reset_after: bool, flip: bool = False)
             raise CharlmError(f"GRU layer {k} has {u} units; charlm needs every layer as wide as the embedding ({d})")
         if reset_after and bias.shape != (2, 3 * u):
             raise CharlmError(
-                f"GRU layer {k} bias is {bias.shape}: that is a reset_after=False model; use --reset-after false"
+                f"GRU layer {k} bias is {bias.shape}: that is a reset_after=False model; use reset_after=false"
             )
         if not reset_after and bias.shape != (3 * u,):
             raise CharlmError(
-                f"GRU layer {k} bias is {bias.shape}: that is a reset_after=True model; use --reset-after true"
+                f"GRU layer {k} bias is {bias.shape}: that is a reset_after=True model; use reset_after=true"
             )
         state[f"gru.weight_ih_l{k}"] = _zrh_to_rzn(kernel, u).T
         state[f"gru.weight_hh_l{k}"] = _zrh_to_rzn(recurrent, u).T
@@ -158,48 +158,35 @@ def read_keras(path: Path) -> list[np.ndarray]:
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m charlm.convert", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="source", required=True)
-    k = sub.add_parser("keras", help="Keras weights (.weights.h5 or .npz of get_weights()) -> charlm .pt")
-    k.add_argument("weights", type=Path)
-    k.add_argument("out", type=Path)
-    k.add_argument("--reset-after", required=True, choices=["true", "false"], help="the Keras GRU's reset_after")
-    k.add_argument("--flip-update-gate", action="store_true", help="weights use h' = (1-z)*h + z*n")
-    t = sub.add_parser("trax", help="Trax GRU weights (.npz) -> charlm .pt")
-    t.add_argument("weights", type=Path)
-    t.add_argument("out", type=Path)
-    t.add_argument("--flip-update-gate", action="store_true", help="weights use h' = (1-z)*h + z*n")
-    e = sub.add_parser("to-keras", help="charlm checkpoint -> .npz of Keras get_weights()")
-    e.add_argument("checkpoint", type=Path)
-    e.add_argument("out", type=Path)
-    e.add_argument("--reset-after", choices=["true", "false"], help="checked against the checkpoint's cell")
-    args = parser.parse_args(argv)
+    """`python -m charlm.convert format=keras|trax weights=FILE out=FILE.pt [reset_after=...]`"""
+    from .cli import parse_settings
     from .errors import fail
 
     try:
-        if args.source == "to-keras":
-            state = load_checkpoint(resolve_checkpoint(args.checkpoint))
-            cell = state["model_config"].get("cell", "reset_after")
-            if args.reset_after and (args.reset_after == "true") != (cell == "reset_after"):
-                raise CharlmError(f"the checkpoint's cell is {cell}; {NOT_EQUIVALENT}")
-            np.savez(args.out, *to_keras(state))
-            print(f"wrote {args.out}: Keras get_weights() for GRU(reset_after={cell == 'reset_after'})")
-            return
-        if not args.weights.is_file():
-            raise CharlmError(f"{args.weights} is not a file")
-        if args.source == "keras":
-            state = from_keras(read_keras(args.weights), args.reset_after == "true", args.flip_update_gate)
-        else:
-            with np.load(args.weights) as f:
-                state = from_trax({name: f[name] for name in f.files}, args.flip_update_gate)
-        save_checkpoint(args.out, state)
-        cfg = state["model_config"]
-        print(f"wrote {args.out}: {cfg['d_model']}x{cfg['n_layers']} GRU, model.cell={cfg['cell']}")
-        if args.flip_update_gate:
-            print("flipped the update gate: negated the z weights and biases, since sigmoid(-a) = 1 - sigmoid(a)"
-                  " turns h' = (1-z)*h + z*n into h' = z*h + (1-z)*n exactly")
+        cfg = parse_settings(ConvertConfig, argv, __doc__)
+        if cfg is not None:
+            _convert_command(cfg)
     except CharlmError as err:
         fail(str(err))
+
+
+def _convert_command(cfg: ConvertConfig) -> None:
+    weights, out = Path(cfg.weights), Path(cfg.out)
+    if not weights.is_file():
+        raise CharlmError(f"weights={weights} is not a file")
+    if cfg.format == "keras":
+        state = from_keras(read_keras(weights), cfg.reset_after, cfg.flip_update_gate)
+    else:
+        if cfg.reset_after:
+            raise CharlmError(f"Trax's GRU is reset-before; {NOT_EQUIVALENT}")
+        with np.load(weights) as f:
+            state = from_trax({name: f[name] for name in f.files}, cfg.flip_update_gate)
+    save_checkpoint(out, state)
+    mc = state["model_config"]
+    print(f"wrote {out}: {mc['d_model']}x{mc['n_layers']} GRU, model.cell={mc['cell']}")
+    if cfg.flip_update_gate:
+        print("flipped the update gate: negated the z weights and biases, since sigmoid(-a) = 1 - sigmoid(a)"
+              " turns h' = (1-z)*h + z*n into h' = z*h + (1-z)*n exactly")
 
 
 if __name__ == "__main__":

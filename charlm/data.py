@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -28,14 +28,17 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def ensure_corpus(name: str, cache_dir: str | Path, url: Optional[str] = None) -> Path:
-    """Path of a verified named corpus in cache_dir, downloading it first if it is missing."""
+def ensure_corpus(name: str, cache_dir: str | Path, url: Optional[str] = None,
+                  announce: Optional[Callable[[str], None]] = None) -> Path:
+    """Path of a verified named corpus in cache_dir, downloading it first if it is missing
+    (announce, if given, is told before a download starts)."""
     corpus = CORPORA[name]
     path = Path(cache_dir) / f"{name}.txt"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         source = url or corpus.url
-        print(f"downloading {name} from {source}")
+        if announce:
+            announce(f"downloading {name} from {source}")
         try:
             # Downloads to a temp file, checks the hash, and only then moves it into place.
             torch.hub.download_url_to_file(source, str(path), hash_prefix=corpus.sha256)
@@ -59,9 +62,9 @@ def ensure_corpus(name: str, cache_dir: str | Path, url: Optional[str] = None) -
     return path
 
 
-def corpus_path(cfg: DataConfig) -> Path:
-    """The file that cfg names, checked to be a readable, non-empty file."""
-    path = ensure_corpus(cfg.name, cfg.cache_dir) if cfg.name in CORPORA else Path(cfg.path)
+def corpus_path(cfg: DataConfig, announce: Optional[Callable[[str], None]] = None) -> Path:
+    """The file that cfg names, checked to be a readable, non-empty file (announce: see ensure_corpus)."""
+    path = ensure_corpus(cfg.name, cfg.cache_dir, announce=announce) if cfg.name in CORPORA else Path(cfg.path)
     if not path.exists():
         raise CharlmError(f"data file {path} does not exist; check data.path")
     if path.is_dir():

@@ -1,4 +1,6 @@
-"""Check an install: python -m charlm.doctor
+"""python -m charlm.doctor: check every path this machine offers.
+
+    python -m charlm.doctor
 
 Runs every path this machine offers on a tiny model, in about a minute: for the CPU and each CUDA
 device, in fp32 and bf16 and with both GRU cells, the real trainer (6 steps), a resume in the
@@ -24,7 +26,7 @@ import numpy as np
 import torch
 
 from .checkpoint import load_checkpoint, model_from_state
-from .config import Config, DataConfig, ModelConfig, TrainConfig
+from .config import Config, DataConfig, DoctorConfig, ModelConfig, TrainConfig
 from .device import choose_precision, matmul_micros
 from .evaluation import evaluate_loss
 from .model import CharLM
@@ -109,11 +111,14 @@ def _row(label: str, fn: Callable[[], str]) -> tuple[bool, str]:
 
 
 def main(argv: list[str]) -> int:
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__.strip())
-        return 0
-    if argv:
-        print(f"error: python -m charlm.doctor takes no arguments, got {' '.join(argv)}", file=sys.stderr)
+    from .cli import parse_settings
+    from .errors import CharlmError
+
+    try:
+        if parse_settings(DoctorConfig, argv, __doc__) is None:
+            return 0
+    except CharlmError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                "CPU") if Path("/proc/cpuinfo").exists() else "CPU"

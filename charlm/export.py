@@ -1,6 +1,10 @@
-"""Export a trained model for deployment: python -m charlm.export checkpoint=RUN format=onnx
+"""python -m charlm.export: a trained model for other runtimes.
 
-The exported graph is one decoding step, the shape incremental decoding needs:
+    python -m charlm.export checkpoint=RUN_DIR|FILE.pt [format=onnx|keras] [out=FILE]
+
+format=keras writes an .npz of the arrays Keras's model.get_weights() holds for the same model
+(see python -m charlm.convert for the other way). format=onnx's graph is one decoding step,
+the shape incremental decoding needs:
 
     byte (N,) int64, hidden (n_layers, N, d_model) float32
         -> log_probs (N, 256) float32, hidden_out (n_layers, N, d_model) float32
@@ -18,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .config import ExportConfig
 from .model import CharLM
 
 
@@ -68,39 +73,44 @@ def _export(step: DecodeStep, byte: torch.Tensor, hidden: torch.Tensor, out: Pat
 
 
 def main(argv: list[str]) -> None:
-    """`python -m charlm.export checkpoint=... [format=onnx] [out=...]`"""
-    from .checkpoint import load_model, locate_checkpoint
-    from .errors import fail
+    """`python -m charlm.export checkpoint=... [format=onnx|keras] [out=...]`"""
+    from .cli import parse_settings
+    from .config import ExportConfig
+    from .errors import CharlmError, fail
 
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__.strip())
+    try:
+        cfg = parse_settings(ExportConfig, argv, __doc__)
+        if cfg is not None:
+            _export_command(cfg)
+    except CharlmError as e:
+        fail(str(e))
+
+
+def _export_command(cfg: ExportConfig) -> None:
+    import numpy as np
+
+    from .checkpoint import load_checkpoint, locate_checkpoint, model_from_state
+    from .convert import to_keras
+    from .errors import CharlmError
+
+    path = locate_checkpoint(cfg.checkpoint)
+    state = load_checkpoint(path)
+    mc = state["model_config"]
+    if cfg.format == "keras":
+        out = Path(cfg.out or path.parent / "keras_weights.npz")
+        np.savez(out, *to_keras(state))
+        print(f"wrote {out}: Keras get_weights() for Embedding -> GRU(reset_after={mc['cell'] == 'reset_after'})"
+              f" x {mc['n_layers']} -> Dense, {mc['d_model']} wide")
         return
-    args = {}
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep or key not in ("checkpoint", "format", "out"):
-            fail(f"unknown argument {arg!r}; usage: python -m charlm.export checkpoint=RUN_DIR|FILE.pt "
-                 "[format=onnx] [out=FILE.onnx]")
-        args[key] = value
-    if args.get("format", "onnx") != "onnx":
-        fail(f"format={args['format']} is not supported; use format=onnx")
     try:
         import onnx  # noqa: F401
     except ImportError:
-        fail("ONNX export needs the onnx package: pip install -e '.[export]'")
-    from .errors import CharlmError
-
-    try:
-        path = locate_checkpoint(args.get("checkpoint"))
-        model = load_model(path)
-    except CharlmError as e:
-        fail(str(e))
-    out = Path(args.get("out") or path.parent / "model.onnx")
-    export_onnx(model, out)
-    cfg = model.config
-    print(f"wrote {out}: one decoding step of {path} ({cfg.d_model}x{cfg.n_layers} GRU)\n"
-          f"inputs  byte (N,) int64, hidden ({cfg.n_layers}, N, {cfg.d_model}) float32\n"
-          f"outputs log_probs (N, 256) float32, hidden_out ({cfg.n_layers}, N, {cfg.d_model}) float32")
+        raise CharlmError("ONNX export needs the onnx package: pip install -e '.[export]'") from None
+    out = Path(cfg.out or path.parent / "model.onnx")
+    export_onnx(model_from_state(state), out)
+    print(f"wrote {out}: one decoding step of {path} ({mc['d_model']}x{mc['n_layers']} GRU)\n"
+          f"inputs  byte (N,) int64, hidden ({mc['n_layers']}, N, {mc['d_model']}) float32\n"
+          f"outputs log_probs (N, 256) float32, hidden_out ({mc['n_layers']}, N, {mc['d_model']}) float32")
 
 
 if __name__ == "__main__":

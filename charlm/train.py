@@ -10,12 +10,13 @@
 """
 from __future__ import annotations
 
+import functools
 import math
 import signal
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -46,9 +47,10 @@ def make_optimizer(model: CharLM, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99))
 
 
-def load_splits(cfg: Config) -> tuple[np.ndarray, np.ndarray, int]:
-    """(train bytes, the val bytes each evaluation scores, all val bytes) of cfg's text."""
-    path = corpus_path(cfg.data)
+def load_splits(cfg: Config, announce: Optional[Callable[[str], None]] = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """(train bytes, the val bytes each evaluation scores, all val bytes) of cfg's text (announce
+    hears of a download)."""
+    path = corpus_path(cfg.data, announce)
     text = load_bytes(path)
     splits = split(text, cfg.data.train_frac, cfg.data.val_frac)
     train_data, val_data = splits["train"], splits["val"]
@@ -101,10 +103,11 @@ class Trainer:
                  resume_state: Optional[dict[str, Any]] = None) -> None:
         tc = self.tc = cfg.train
         self.cfg, self.out_dir, self.ddp, self.device = cfg, out_dir, ddp, device
-        if tc.device == "auto" and ddp.main:
-            print(f"device: {device} (train.device=auto{'' if device.type == 'cuda' else ', no CUDA GPU found'})")
+        say = functools.partial(print, flush=True) if ddp.main else None  # until the Reporter exists
+        if tc.device == "auto" and say:
+            say(f"device: {device} (train.device=auto{'' if device.type == 'cuda' else ', no CUDA GPU found'})")
         torch.manual_seed(cfg.seed)
-        self.train_data, self.val_data, val_total = load_splits(cfg)
+        self.train_data, self.val_data, val_total = load_splits(cfg, say)
         self.batches = StreamBatches(self.train_data, tc.batch_size, tc.seq_len) if tc.batching == "stream" else None
         self.model = CharLM(cfg.model).to(device)
         self.optimizer = make_optimizer(self.model, tc)

@@ -178,7 +178,7 @@ OTHER_CASES = {
     "resume a typo": (["train.py", "train.resume=good", "train.lrr=1"], ["train.lrr"]),
     "resume a bad value": (["train.py", "train.resume=good", "train.lr=-1"], ["train.lr"]),
     "resume on a missing GPU": (["train.py", "train.resume=good", "train.device=cuda"], ["no CUDA GPU"]),
-    "doctor with arguments": (["-m", "charlm.doctor", "fast=true"], ["takes no arguments"]),
+    "doctor with arguments": (["-m", "charlm.doctor", "fast=true"], ["fast is not a setting", "--help"]),
 }
 
 

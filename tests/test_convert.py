@@ -10,7 +10,7 @@ import torch
 from charlm.checkpoint import load_model, model_from_state
 from charlm.convert import from_keras, from_trax, to_keras
 from charlm.reference import gru_step
-from conftest import ROOT
+from conftest import ROOT, run_cli
 
 
 def random_keras_weights(d, layers, reset_after, seed=0):
@@ -120,18 +120,28 @@ def run_convert(*args, cwd):
 
 def test_convert_commands_and_refusal(tmp_path):
     np.savez(tmp_path / "k.npz", *random_keras_weights(8, 1, False))
-    proc = run_convert("keras", "k.npz", "m.pt", "--reset-after", "false", cwd=tmp_path)
+    proc = run_convert("format=keras", "weights=k.npz", "out=m.pt", "reset_after=false", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "model.cell=reset_before" in proc.stdout
     assert load_model(tmp_path / "m.pt").config.cell == "reset_before"
-    wrong = run_convert("keras", "k.npz", "m2.pt", "--reset-after", "true", cwd=tmp_path)
-    assert wrong.returncode == 1 and "--reset-after false" in wrong.stderr and not (tmp_path / "m2.pt").exists()
-    refused = run_convert("to-keras", "m.pt", "out.npz", "--reset-after", "true", cwd=tmp_path)
-    assert refused.returncode == 1 and "different functions" in refused.stderr
-    ok = run_convert("to-keras", "m.pt", "out.npz", cwd=tmp_path)
-    assert ok.returncode == 0 and (tmp_path / "out.npz").is_file()
-    flipped = run_convert("keras", "k.npz", "f.pt", "--reset-after", "false", "--flip-update-gate", cwd=tmp_path)
+    wrong = run_convert("format=keras", "weights=k.npz", "out=m2.pt", "reset_after=true", cwd=tmp_path)
+    assert wrong.returncode == 1 and "reset_after=false" in wrong.stderr and not (tmp_path / "m2.pt").exists()
+    unsaid = run_convert("format=keras", "weights=k.npz", "out=m2.pt", cwd=tmp_path)
+    assert unsaid.returncode == 1 and "needs reset_after=true or reset_after=false" in unsaid.stderr
+    old_style = run_convert("keras", "k.npz", "m2.pt", cwd=tmp_path)
+    assert old_style.returncode == 1 and "not a key=value setting" in old_style.stderr
+    assert not (tmp_path / "m2.pt").exists()
+    back = run_cli("-m", "charlm.export", "checkpoint=m.pt", "format=keras", "out=out.npz", cwd=tmp_path)
+    assert "reset_after=False" in back.stdout
+    with np.load(tmp_path / "out.npz") as f:
+        again = [f[name] for name in f.files]
+    assert all(np.allclose(a, b, atol=1e-6) for a, b in zip(again, random_keras_weights(8, 1, False)))
+    flipped = run_convert("format=keras", "weights=k.npz", "out=f.pt", "reset_after=false", "flip_update_gate=true",
+                          cwd=tmp_path)
     assert "negated the z weights and biases" in flipped.stdout
+    for tool in ("convert", "export", "bench", "doctor"):
+        shown = run_cli("-m", f"charlm.{tool}", "--help", cwd=tmp_path).stdout
+        assert shown.startswith(f"python -m charlm.{tool}:"), shown
 
 
 def test_against_keras_itself(tmp_path):

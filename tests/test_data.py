@@ -88,10 +88,12 @@ def test_download_verifies_hash_and_caches(http_server, tmp_path, monkeypatch):
     (root / "corpus.txt").write_bytes(body)
     monkeypatch.setitem(CORPORA, "tiny", Corpus(f"{base}/corpus.txt", hashlib.sha256(body).hexdigest(), len(body)))
     cache = tmp_path / "cache"
-    path = ensure_corpus("tiny", cache)
+    heard = []
+    path = ensure_corpus("tiny", cache, announce=heard.append)
     assert path == cache / "tiny.txt" and path.read_bytes() == body
-    (root / "corpus.txt").unlink()  # a second call uses the cache, no network
-    assert ensure_corpus("tiny", cache).read_bytes() == body
+    assert heard == [f"downloading tiny from {base}/corpus.txt"]
+    (root / "corpus.txt").unlink()  # a second call uses the cache, no network, no announcement
+    assert ensure_corpus("tiny", cache, announce=heard.append).read_bytes() == body and len(heard) == 1
 
 
 def test_download_with_wrong_hash_saves_nothing(http_server, tmp_path, monkeypatch):

@@ -134,12 +134,12 @@ def test_bad_precision_is_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_bench_prints_its_table(tmp_path):
-    proc = run_cli("-m", "charlm.bench", "--d-model", "16", "--batch", "4", "--seq", "8", "--steps", "1",
-                   "--reps", "2", "--sample-reps", "1", cwd=tmp_path)
+    proc = run_cli("-m", "charlm.bench", "d_model=16", "batch_size=4", "seq_len=8", "steps=1",
+                   "reps=2", "sample_reps=1", cwd=tmp_path)
     out = proc.stdout
     for line in ("plain nn.GRU loop", "charlm step", "ratio charlm / plain", "batch 1 ", "batch 64",
                  "2,000 vs 500 bytes cost", "peak memory:"):
         assert line in out, out
-    bad = run_cli("-m", "charlm.bench", "--batch", "0", cwd=tmp_path, check=False)
-    assert bad.returncode != 0 and "--batch must be at least 1" in bad.stderr
+    bad = run_cli("-m", "charlm.bench", "batch_size=0", cwd=tmp_path, check=False)
+    assert bad.returncode != 0 and "batch_size must be at least 1" in bad.stderr
 
