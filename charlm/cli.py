@@ -206,6 +206,35 @@ def _resume_config(cfg: DictConfig, overrides: list[str]) -> tuple[Config, dict[
     return _to_object(merged, Config), state
 
 
+def _init_from_config(cfg: DictConfig, overrides: list[str]) -> tuple[Config, dict[str, Any]]:
+    """This command's config with the model's size taken from train.init_from's checkpoint.
+
+    A model setting given on the command line applies where it fits the weights (dropout); one
+    that contradicts them (model.d_model, n_layers, cell, or a model= size) is refused here.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from .checkpoint import load_checkpoint, resolve_checkpoint
+
+    path = resolve_checkpoint(cfg.train.init_from, prefer="best.pt")
+    state = load_checkpoint(path)
+    saved = OmegaConf.merge(OmegaConf.structured(Config().model), state["model_config"])
+    merged = cfg.copy()
+    merged.model = saved
+    given = [o for o in OverridesParser.create().parse_overrides(overrides)
+             if o.key_or_group == "model" or o.key_or_group.startswith("model.")]
+    for o in given:
+        key = o.key_or_group
+        value = OmegaConf.to_container(cfg.model, resolve=True) if key == "model" else o.value()
+        OmegaConf.update(merged, key, value, merge=True)
+        for k in ("d_model", "n_layers", "cell"):
+            if merged.model[k] != saved[k]:
+                fail(f"{o.input_line} would make model.{k} {merged.model[k]}, but train.init_from={path} is a"
+                     f" {saved.d_model}x{saved.n_layers} {saved.cell} model; drop it, or start from scratch")
+    merged.train.init_from = str(path.resolve())  # the record in config.yaml and HParams
+    return _to_object(merged, Config), state
+
+
 def run_train(cfg: DictConfig) -> None:
     """Body of `python train.py`."""
     from hydra.core.hydra_config import HydraConfig
@@ -213,10 +242,17 @@ def run_train(cfg: DictConfig) -> None:
 
     def go() -> None:
         hydra_cfg = HydraConfig.get()
+        overrides = list(hydra_cfg.overrides.task)
+        state = init = None
+        if cfg.train.resume and cfg.train.init_from:
+            raise CharlmError("give train.resume (continue a run) or train.init_from (start a new run from its"
+                              " weights), not both")
         if cfg.train.resume:
-            config, state = _resume_config(cfg, list(hydra_cfg.overrides.task))
+            config, state = _resume_config(cfg, overrides)
+        elif cfg.train.init_from:
+            config, init = _init_from_config(cfg, overrides)
         else:
-            config, state = _to_object(cfg, Config), None
+            config = _to_object(cfg, Config)
         explicit_out_dir = any(o.startswith("out_dir=") for o in hydra_cfg.overrides.task)
         if hydra_cfg.mode == RunMode.MULTIRUN and not explicit_out_dir:
             config.out_dir = hydra_cfg.runtime.output_dir  # one directory per job of a sweep
@@ -225,7 +261,7 @@ def run_train(cfg: DictConfig) -> None:
             raise CharlmError(f"out_dir={out_dir} is a file; give a directory")
         from .train import train  # torch is imported only once the config is known to be good
 
-        summary = train(config, out_dir, resume_state=state)
+        summary = train(config, out_dir, resume_state=state, init_state=init)
         if "stopped_by" in summary:  # Ctrl-C or SIGTERM: saved; the shell's code for that signal
             sys.exit(128 + summary["stopped_by"])
 
@@ -286,6 +322,8 @@ def sample(cfg: SampleConfig) -> None:
           f"temperature {cfg.temperature} | seed {seed}]", file=sys.stderr)
     if cfg.explain:
         return _explain(model, prompt, cfg, generator)
+    if cfg.interactive:
+        return _interactive(model, prompt, cfg, generator)
     kwargs = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, stop=cfg.stop, generator=generator)
     if cfg.num_samples == 1:
         sys.stdout.write(prompt)
@@ -298,6 +336,52 @@ def sample(cfg: SampleConfig) -> None:
         if i:
             print("-" * 40)
         print(text)
+
+
+def _interactive(model: Any, prompt: str, cfg: SampleConfig, generator: Any) -> None:
+    """sample.py interactive=true: a line in, `length` bytes of continuation out, one text throughout.
+
+    On a terminal a hint and a "> " prompt go to stderr; through a pipe nothing but the model's
+    text is written (one line per turn), so a script can drive it.
+    """
+    from .sampling import Conversation
+    from .tokenizer import StreamDecoder
+
+    terminal = sys.stdin.isatty()
+    talk = Conversation(model, cfg.temperature, cfg.top_k, cfg.top_p, generator)
+    stop = cfg.stop.encode("utf-8")
+
+    def turn(text: str) -> None:
+        talk.read(text.encode("utf-8"))
+        decoder, written = StreamDecoder(), "\n"
+        for byte in talk.write(cfg.length, stop):
+            piece = decoder.feed(byte)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+            written = piece or written
+        rest = decoder.finish()
+        # a turn ends with a line break: the model's own (stop=$'\n': one line per turn), or one added
+        sys.stdout.write(rest + ("" if (rest or written).endswith("\n") else "\n"))
+        sys.stdout.flush()
+
+    if terminal:
+        print("Type a line and press Enter: the model continues it. An empty line lets it go on;"
+              " Ctrl-D ends.", file=sys.stderr)
+    if prompt:
+        sys.stdout.write(prompt)
+        turn(prompt)
+    try:
+        while True:
+            if terminal:
+                sys.stderr.write("> ")
+                sys.stderr.flush()
+            line = sys.stdin.readline()
+            if not line:  # Ctrl-D, or the end of the piped input
+                break
+            turn(line.rstrip("\r\n"))
+    except KeyboardInterrupt:
+        sys.stderr.write("\n")
+        sys.exit(130)
 
 
 def _explain(model: Any, prompt: str, cfg: SampleConfig, generator: Any) -> None:
@@ -324,16 +408,58 @@ def run_evaluate(cfg: DictConfig) -> None:
     _guarded(go)
 
 
-def evaluate(cfg: EvaluateConfig, data_given: bool = True) -> dict[str, float]:
+def evaluate(cfg: EvaluateConfig, data_given: bool = True) -> dict[str, Any]:
     """`python evaluate.py`: score a split (or a whole file) and print the figures.
 
     Without data= on the command line (data_given False), the checkpoint's own corpus is scored.
+    """
+    from .evaluation import dynamic_loss, evaluate_loss, metrics
+
+    if cfg.html and (Path(cfg.html).is_dir() or not Path(cfg.html).resolve().parent.is_dir()):
+        raise CharlmError(f"html={cfg.html}: give a file name in a directory that exists")
+    path, model, text_path, which, data = _scored_text(cfg, data_given)
+    device = next(model.parameters()).device
+    t0 = time.perf_counter()
+    loss, n = evaluate_loss(model, data, seq_len=EVALUATE_SEQ_LEN, lanes=1, device=device)
+    result = {"checkpoint": str(path), "data": str(text_path), "split": which, "bytes": n, **metrics(loss),
+              "seconds": round(time.perf_counter() - t0, 3)}
+    if cfg.dynamic:
+        t0 = time.perf_counter()
+        dyn, _ = dynamic_loss(model, data, cfg.dynamic_window, cfg.dynamic_lr, device)
+        result.update({f"dynamic_{k}": v for k, v in metrics(dyn).items()},
+                      dynamic_lr=cfg.dynamic_lr, dynamic_window=cfg.dynamic_window,
+                      dynamic_seconds=round(time.perf_counter() - t0, 3))
+    if cfg.html:
+        result["html"] = str(_write_html(cfg, model, path, text_path, which, data, result["bpb"]))
+    if cfg.format == "json":
+        print(json.dumps(result, allow_nan=False))
+        return result
+    lines = [f"{text_path} [{which}] scored by {path}", f"bytes:       {n:,}"]
+    rows = [("loss", "loss", " nats/byte", ".4f"), ("perplexity", "perplexity", "", ".3f"),
+            ("bits/byte", "bpb", "", ".4f")]
+    if cfg.dynamic:
+        lines.append(f"{'':13}{'static':>10}  {'dynamic':>10}   (dynamic_lr={cfg.dynamic_lr:g},"
+                     f" dynamic_window={cfg.dynamic_window})")
+        lines += [f"{name + ':':13}{result[key]:>10{fmt}}  {result['dynamic_' + key]:>10{fmt}}{unit}"
+                  for name, key, unit, fmt in rows]
+    else:
+        lines += [f"{name + ':':13}{result[key]:{fmt}}{unit}" for name, key, unit, fmt in rows]
+    if cfg.html:
+        lines.append(f"page:        {result['html']}")
+    print("\n".join(lines))
+    return result
+
+
+def _scored_text(cfg: EvaluateConfig, data_given: bool) -> tuple[Path, Any, Path, str, Any]:
+    """(checkpoint path, its model on cfg.device, the text's path, the split's name, its bytes).
+
+    Without data= on the command line the checkpoint's own text and split fractions are used; the
+    split defaults to test, else val (said on stderr), or the whole file for data=text.
     """
     from .checkpoint import load_checkpoint, locate_checkpoint, model_from_state
     from .config import DataConfig
     from .data import corpus_path, load_bytes, split
     from .device import resolve_device
-    from .evaluation import evaluate_loss, metrics
 
     path = locate_checkpoint(cfg.checkpoint)
     device = resolve_device(cfg.device)
@@ -359,24 +485,17 @@ def evaluate(cfg: EvaluateConfig, data_given: bool = True) -> dict[str, float]:
         )
     if note:
         print(note, file=sys.stderr)
-    t0 = time.perf_counter()
-    loss, n = evaluate_loss(model, data, seq_len=EVALUATE_SEQ_LEN, lanes=1, device=device)
-    result = {
-        "checkpoint": str(path),
-        "data": str(text_path),
-        "split": which,
-        "bytes": n,
-        **metrics(loss),
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
-    if cfg.format == "json":
-        print(json.dumps(result, allow_nan=False))
-    else:
-        print(
-            f"{text_path} [{which}] scored by {path}\n"
-            f"bytes:       {n:,}\n"
-            f"loss:        {loss:.4f} nats/byte\n"
-            f"perplexity:  {result['perplexity']:.3f}\n"
-            f"bits/byte:   {result['bpb']:.4f}"
-        )
-    return result
+    return path, model, text_path, which, data
+
+
+def _write_html(cfg: EvaluateConfig, model: Any, path: Path, text_path: Path, which: str, data: Any,
+                bpb_all: float) -> Path:
+    """evaluate.py html=FILE: the first html_bytes of the scored text, read through the model."""
+    from .reading import read_text, write_page
+
+    out = Path(cfg.html)
+    shown = bytes(data[: cfg.html_bytes])
+    numbers = read_text(model, shown, next(model.parameters()).device)
+    about = {"title": f"{text_path.name} [{which}] through {path}", "source": f"{text_path} [{which}]",
+             "checkpoint": str(path), "cell": model.config.cell, "total": len(data), "bpb_all": bpb_all}
+    return write_page(out, shown, numbers, about)

@@ -87,6 +87,9 @@ class TrainConfig:
         "auto", "`fp32`, `bf16` (autocast), or `auto`: times a training step in both at start-up and"
         " takes bf16 only where it is clearly faster (see [Precision](#precision))")
     resume: Optional[str] = setting(None, "a run directory or `.pt` to continue", shown="none")
+    init_from: Optional[str] = setting(
+        None, "a run directory or `.pt` whose weights and model size a new run starts from (fine-tuning, from"
+        " step 0 with a fresh optimizer and schedule)", shown="none")
     on_nonfinite: str = setting("stop", "a NaN/inf loss or gradient: `stop` with a message, or `skip` the step")
 
     def __post_init__(self) -> None:
@@ -164,11 +167,24 @@ class EvaluateConfig:
         None, "`train`, `val`, `test` or `all`", shown="`test` (`val` where there is none), or `all` for `data=text`")
     format: str = setting("text", "`text` or `json` (one strict JSON object)")
     device: str = setting("cpu", "`cpu`, `cuda`, `cuda:N` or `auto`")
+    dynamic: bool = setting(
+        False, "also score with dynamic evaluation: after scoring each window, one SGD step on it (a copy of"
+        " the model; the checkpoint is not changed)")
+    dynamic_lr: float = setting(0.03, "dynamic evaluation's SGD learning rate")
+    dynamic_window: int = setting(50, "bytes scored between dynamic evaluation's updates")
+    html: Optional[str] = setting(
+        None, "write a page showing the text through the model: surprisal, top 5, gates, units", shown="none")
+    html_bytes: int = setting(4096, "the page shows the first N bytes of the scored text")
 
     def __post_init__(self) -> None:
         check_choice(self.split, "split", (None, "train", "val", "test", "all"))
         check_choice(self.format, "format", ("text", "json"))
         check_device(self.device, "device")
+        if not self.dynamic_lr > 0:
+            raise CharlmError(f"dynamic_lr must be above 0, got {self.dynamic_lr}")
+        for name in ("dynamic_window", "html_bytes"):
+            if getattr(self, name) < 1:
+                raise CharlmError(f"{name} must be at least 1, got {getattr(self, name)}")
 
 
 @dataclass
@@ -189,11 +205,16 @@ class SampleConfig:
     device: str = setting("cpu", "`cpu`, `cuda`, `cuda:N` or `auto`; a model trained on a GPU samples on the CPU")
     explain: bool = setting(False, "per byte: top 5 candidates and every layer's gates (see Inside the GRU)")
     explain_format: str = setting("text", "`text` or `json`")
+    interactive: bool = setting(
+        False, "write together: each line typed is added to the text and the model continues it for `length`"
+        " bytes; an empty line lets it go on; Ctrl-D ends (see Writing together)")
 
     def __post_init__(self) -> None:
         check_choice(self.explain_format, "explain_format", ("text", "json"))
         if self.explain and self.num_samples != 1:
             raise CharlmError("explain=true explains one sample; leave num_samples at 1")
+        if self.interactive and (self.explain or self.num_samples != 1):
+            raise CharlmError("interactive=true writes one text; leave explain=false and num_samples at 1")
         if self.length < 0:
             raise CharlmError(f"length must be 0 or more, got {self.length}")
         if self.temperature < 0:

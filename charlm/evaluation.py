@@ -1,6 +1,7 @@
 """Loss of a model over a whole text, with the hidden state carried across windows."""
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -60,3 +61,35 @@ def evaluate_loss(
     model.train(was_training)
     n = lanes * lane_len
     return total / n, n
+
+
+def dynamic_loss(
+    model: CharLM,
+    data: np.ndarray,
+    window: int,
+    lr: float,
+    device: torch.device | str = "cpu",
+) -> tuple[float, int]:
+    """Mean NLL (nats/byte) of data under dynamic evaluation (Krause et al., 2018, plain SGD).
+
+    The text is read as one stream, as evaluate_loss(lanes=1) reads it, in windows of `window`
+    bytes. Each window is scored first, and only then is a copy of the model updated by one SGD
+    step on that window's mean loss, so no byte is ever predicted by weights that have seen it.
+    The hidden state is carried across windows. `model` itself is left as it was.
+    """
+    adapted = copy.deepcopy(model).to(device).eval()  # eval: no dropout; gradients still flow
+    optimizer = torch.optim.SGD(adapted.parameters(), lr=lr)
+    total, h = 0.0, None
+    prev = torch.full((1, 1), START_BYTE, dtype=torch.long)
+    for t in range(0, len(data), window):
+        y = torch.from_numpy(np.asarray(data[t : t + window], dtype=np.int64)).unsqueeze(0)
+        x = torch.cat([prev, y[:, :-1]], 1)
+        prev = y[:, -1:]
+        log_probs, h = adapted(x.to(device), h)
+        loss = F.nll_loss(log_probs[0], y[0].to(device), reduction="sum")
+        total += loss.item()  # scored before the update below
+        optimizer.zero_grad(set_to_none=True)
+        (loss / y.size(1)).backward()
+        optimizer.step()
+        h = h.detach()
+    return total / max(len(data), 1), len(data)

@@ -168,3 +168,41 @@ def stream_text(model: CharLM, prompt: str, length: int, stop: str = "", **kwarg
     rest = decoder.finish()
     if rest:
         yield rest
+
+
+class Conversation:
+    """One text written in turns (sample.py interactive=true): read() takes text into the model's
+    state, write() continues it; the hidden state carries across both, so the turns are one text."""
+
+    def __init__(self, model: CharLM, temperature: float = 0.8, top_k: Optional[int] = None,
+                 top_p: Optional[float] = None, generator: Optional[torch.Generator] = None):
+        self.model = model.eval()
+        self.device = next(model.parameters()).device
+        self.choose = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        self.stepper = ByteStepper(model)
+        self.h: Optional[torch.Tensor] = None
+        self.log_probs = torch.empty(0)
+        self.read(b"", start=True)
+
+    @torch.no_grad()
+    def read(self, data: bytes, start: bool = False) -> None:
+        """Take data into the text (start: the start byte first, as at the start of a text)."""
+        seq = [START_BYTE, *data] if start else list(data)
+        if seq:
+            log_probs, self.h = self.model(torch.tensor([seq], device=self.device), self.h)
+            self.log_probs = log_probs[:, -1]
+
+    @torch.no_grad()
+    def write(self, length: int, stop: bytes = b"") -> Iterator[int]:
+        """Up to `length` new bytes, each part of the text once chosen; ends after `stop` if it appears."""
+        tail = b""
+        for _ in range(length):
+            byte = next_byte(self.log_probs, self.choose["temperature"], self.choose["top_k"],
+                             self.choose["generator"], self.choose["top_p"])
+            self.log_probs, self.h = self.stepper(byte, self.h)
+            b = int(byte[0])
+            yield b
+            if stop:
+                tail = (tail + bytes((b,)))[-len(stop):]
+                if tail == stop:
+                    return

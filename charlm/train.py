@@ -100,7 +100,7 @@ class Trainer:
     """One run: its model, optimizer, schedule, precision, batches and counters (see run())."""
 
     def __init__(self, cfg: Config, out_dir: Path, ddp: distributed.Dist, device: torch.device,
-                 resume_state: Optional[dict[str, Any]] = None) -> None:
+                 resume_state: Optional[dict[str, Any]] = None, init_state: Optional[dict[str, Any]] = None) -> None:
         tc = self.tc = cfg.train
         self.cfg, self.out_dir, self.ddp, self.device = cfg, out_dir, ddp, device
         say = functools.partial(print, flush=True) if ddp.main else None  # until the Reporter exists
@@ -110,6 +110,8 @@ class Trainer:
         self.train_data, self.val_data, val_total = load_splits(cfg, say)
         self.batches = StreamBatches(self.train_data, tc.batch_size, tc.seq_len) if tc.batching == "stream" else None
         self.model = CharLM(cfg.model).to(device)
+        if init_state is not None:  # fine-tuning: the source's weights, then everything else anew
+            self.model.load_state_dict(init_state["model"])
         self.optimizer = make_optimizer(self.model, tc)
         self.progress = Progress(**{k: resume_state[k] for k in _progress_keys() if k in resume_state}
                                  ) if resume_state else Progress()
@@ -130,6 +132,10 @@ class Trainer:
                         f"{self.precision.parts(cfg.model.cell, device)}")
         if note is not None:
             self.report.say(note)
+        if init_state is not None:
+            source = init_state.get("config", {}).get("data", {}).get("name", "its text")
+            self.report.say(f"init_from: {tc.init_from} (step {init_state['step']} on {source}, val loss "
+                            f"{init_state['best_val_loss']:.4f}); fresh optimizer and schedule from step 0")
         self.report.say(self.header(val_total))
 
     def header(self, val_total: int) -> str:
@@ -312,16 +318,18 @@ class Trainer:
         return self.progress.step if last else self.progress.step + self.clock.steps_left()
 
 
-def train(cfg: Config, out_dir: Path, resume_state: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+def train(cfg: Config, out_dir: Path, resume_state: Optional[dict[str, Any]] = None,
+          init_state: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Train cfg's model on cfg's data, writing checkpoints and events to out_dir; return a summary
-    (with "stopped_by", the signal number, when a signal ended it early).
+    (with "stopped_by", the signal number, when a signal ended it early). resume_state continues
+    a run exactly; init_state (a checkpoint of cfg.model's size) gives a new run its first weights.
 
     Under torchrun each process trains its share of the lanes (see charlm.distributed); rank 0
     alone evaluates, prints and writes.
     """
     ddp, device = distributed.setup(cfg.train.batch_size, resolve_device(cfg.train.device, "train.device"))
     try:
-        return Trainer(cfg, out_dir, ddp, device, resume_state).run()
+        return Trainer(cfg, out_dir, ddp, device, resume_state, init_state).run()
     finally:
         distributed.teardown(ddp)
 

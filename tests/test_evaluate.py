@@ -82,3 +82,27 @@ def test_without_a_test_split_it_scores_val_and_says_so(trained):
     assert result["split"] == "val" and result["bytes"] == len(data) - int(len(data) * 0.9)
     assert math.isfinite(result["loss"])
     assert "no test split" in proc.stderr and "scoring val" in proc.stderr
+
+
+def test_dynamic_evaluation_adapts_and_changes_no_file(trained):
+    """other.txt repeats one line 40 times: a model that follows the text it reads does better."""
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in (trained / "run").iterdir()}
+    out = run_cli("evaluate.py", "checkpoint=run", "data=text", "data.path=other.txt", "dynamic=true",
+                  "format=json", cwd=trained)
+    result = json.loads(out.stdout)
+    assert result["dynamic_loss"] < result["loss"] - 0.2, result
+    plain = direct_loss(load_model(trained / "run"), (trained / "other.txt").read_bytes())
+    assert result["loss"] == pytest.approx(plain, abs=1e-4)  # the static figure is still the plain one
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in (trained / "run").iterdir()} == before
+    text = run_cli("evaluate.py", "checkpoint=run", "data=text", "data.path=other.txt", "dynamic=true",
+                   cwd=trained).stdout
+    assert "static" in text and "dynamic" in text and f"{result['dynamic_bpb']:.4f}" in text
+
+
+def test_dynamic_evaluation_scores_each_window_before_learning_from_it(trained):
+    """One window holding the whole text: no update comes before any byte is scored, so the
+    dynamic figure is the static one. (A look at a byte before scoring it would lower it.)"""
+    n = len((trained / "other.txt").read_bytes())
+    result = json.loads(run_cli("evaluate.py", "checkpoint=run", "data=text", "data.path=other.txt", "dynamic=true",
+                                f"dynamic_window={n}", "dynamic_lr=10", "format=json", cwd=trained).stdout)
+    assert result["dynamic_loss"] == pytest.approx(result["loss"], abs=1e-5)

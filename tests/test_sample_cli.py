@@ -67,3 +67,46 @@ def test_no_trained_model_says_what_to_run(tmp_path):
 def test_bad_values_get_one_line(workdir, arg, word):
     proc = run_cli("sample.py", arg, cwd=workdir, check=False)
     assert proc.returncode == 1 and word in proc.stderr and "Traceback" not in proc.stderr
+
+
+def interactive(workdir, typed: str, *args: str):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, str(ROOT / "sample.py"), "interactive=true", *args], input=typed,
+                          cwd=workdir, env=env, capture_output=True, text=True, encoding="utf-8", timeout=120)
+
+
+def test_interactive_writes_one_text_across_turns(workdir):
+    """Through a pipe: a line in, `length` bytes out, the state carried; an empty line lets it go on."""
+    proc = interactive(workdir, "the grey\n\nswift fox\n", "length=20", "temperature=0")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout.encode("utf-8")
+    turns = [out[i * 21 : i * 21 + 20] for i in range(3)]
+    assert len(out) == 63 and out[20::21] == b"\n\n\n"  # nothing but the model's text, a line per turn
+    run = workdir / "runs" / "text" / "first"
+    text = "the grey"
+    for typed, got in zip(["the grey", "", "swift fox"], turns):
+        text = text if typed == "the grey" else text + typed
+        assert got == greedy_continuation(run, text, 20).encode("utf-8"), (typed, got)
+        text += got.decode("utf-8")
+    assert "Type a line" not in proc.stderr and ">" not in proc.stdout
+
+
+def test_interactive_sampling_settings_apply(workdir):
+    seeded = [interactive(workdir, "the\nthe\n", "length=30", "temperature=1.0", "seed=5").stdout for _ in range(2)]
+    other = interactive(workdir, "the\nthe\n", "length=30", "temperature=1.0", "seed=6").stdout
+    assert seeded[0] == seeded[1] and seeded[0] != other
+    settings = ("length=60", "temperature=1.0", "top_k=3", "seed=1")
+    free = interactive(workdir, "the\n\n", *settings).stdout.split("\n")
+    stop = next(c for c in free[0][3:] if c.isascii() and c.isalpha())  # written in the first turn: it ends there
+    stopped = interactive(workdir, "the\n\n", *settings, f"stop={stop}").stdout
+    turns = stopped.split("\n")
+    assert turns[0] == free[0][: free[0].index(stop) + 1] and len(turns) == 3 and turns[2] == ""
+    assert turns[1].count(stop) == 1 and turns[1].endswith(stop) or (len(turns[1]) == 60 and stop not in turns[1])
+    assert interactive(workdir, "", "length=5").stdout == ""  # Ctrl-D at once: nothing written
+    refused = interactive(workdir, "", "num_samples=2")
+    assert refused.returncode == 1 and "interactive=true writes one text" in refused.stderr
