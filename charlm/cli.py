@@ -73,7 +73,7 @@ def help_text(usage: str, schema: type, groups: Optional[dict[str, list[str]]] =
 
 
 def _group_choices(config_name: str) -> dict[str, list[str]]:
-    groups = ("data", "model", "train") if config_name == "train" else ("data",) if config_name == "evaluate" else ()
+    groups = ("data", "recipe", "model") if config_name == "train" else ("data",) if config_name == "evaluate" else ()
     return {g: sorted(p.stem for p in (CONFIG_DIR / g).glob("*.yaml")) for g in groups}
 
 
@@ -133,12 +133,15 @@ def check_overrides(config_name: str, argv: list[str], usage: str) -> None:
 
 
 def _check_recipe_choices(config_dir: Path, overrides: list[str]) -> None:
-    """model=... and train=... name files that must exist. configs/train.yaml marks these groups
-    optional (a corpus without a recipe takes the defaults), and Hydra skips a missing optional
-    choice without a word, so a misspelt one is caught here (sweeps' a,b,c included)."""
+    """recipe=... (and model=...) name files that must exist. configs/train.yaml marks recipe
+    optional (a corpus without one takes the defaults), and Hydra skips a missing optional choice
+    without a word, so a misspelt one is caught here (sweeps' a,b,c included)."""
     for arg in overrides:
         key, sep, value = arg.partition("=")
-        if sep and key in ("model", "train"):
+        if sep and key == "train":
+            fail(f"{arg}: train holds settings (train.lr=...); a corpus's model and schedule are chosen"
+                 f" with recipe=<corpus>")
+        if sep and key in ("recipe", "model"):
             options = sorted(p.stem for p in (config_dir / key).glob("*.yaml"))
             for choice in value.split(","):
                 if choice not in options:
@@ -188,18 +191,20 @@ def _resume_config(cfg: DictConfig, overrides: list[str]) -> tuple[Config, dict[
     merged = saved.copy()
     given = [o for o in OverridesParser.create().parse_overrides(overrides) if o.key_or_group != "train.resume"]
     for o in given:
-        key = o.key_or_group
-        # a group choice (data=..., model=...) stands for its section as this command composes it
-        value = OmegaConf.to_container(cfg[key], resolve=True) if key in ("data", "model", "train") else o.value()
+        # a group choice stands for what it sets, as this command composes it: data=... and
+        # model=... their section, recipe=... the model and train sections
+        sections = {"data": ["data"], "model": ["model"], "recipe": ["model", "train"]}.get(o.key_or_group)
         try:
-            OmegaConf.update(merged, key, value, merge=True)
+            for key in sections or [o.key_or_group]:
+                value = OmegaConf.to_container(cfg[key], resolve=True) if sections else o.value()
+                OmegaConf.update(merged, key, value, merge=True)
         except OmegaConfBaseException as e:
             fail(f"{o.input_line}: {str(e).splitlines()[0]}")
     fixed = {"data": ("name", "path", "train_frac", "val_frac"), "model": ("d_model", "n_layers", "cell")}
     for section, keys in fixed.items():
         for k in keys:
             if merged[section][k] != saved[section][k]:
-                culprit = [o.input_line for o in given if o.key_or_group in (section, f"{section}.{k}")][-1]
+                culprit = [o.input_line for o in given if o.key_or_group in (section, f"{section}.{k}", "recipe")][-1]
                 fail(f"{culprit} would change {section}.{k} from {saved[section][k]} to {merged[section][k]},"
                      " which a resumed run cannot; drop it, or start a new run")
     merged.train.resume = str(path)

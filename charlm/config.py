@@ -60,7 +60,7 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     """Optimisation, schedule, evaluation and device settings. The defaults are The Time Machine's
-    recipe, what `python train.py` runs; configs/train/<data>.yaml holds what another corpus changes."""
+    recipe, what `python train.py` runs; configs/recipe/<data>.yaml holds what another corpus changes."""
 
     batch_size: int = setting(64, "lanes per batch")
     seq_len: int = setting(100, "bytes per window (backpropagation length)")

@@ -24,7 +24,7 @@ def composed(name: str, overrides: list[str]):
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), plain))
 
 
-@pytest.mark.parametrize("group", ["data", "model", "train"])
+@pytest.mark.parametrize("group", ["data", "recipe", "model"])
 def test_every_group_option_composes_into_the_schema(group):
     for option in sorted(p.stem for p in (CONFIGS / group).glob("*.yaml")):
         overrides = [f"{group}={option}", *NEEDS.get(option, [])]
@@ -42,15 +42,18 @@ def test_the_defaults_are_what_train_py_runs():
 
 
 def test_corpus_recipes_restate_no_default():
-    """configs/{model,train}/<corpus>.yaml: only what that corpus changes (the named sizes tiny,
-    small and reference list all of themselves)."""
+    """configs/recipe/<corpus>.yaml: only what that corpus changes (the named sizes in configs/model
+    list all of themselves)."""
     defaults = {"train": asdict(TrainConfig()), "model": asdict(ModelConfig())}
-    for group in ("train", "model"):
-        for name in [*CORPORA, "text"]:
-            path = CONFIGS / group / f"{name}.yaml"
-            keys = (yaml.safe_load(path.read_text()) if path.exists() else None) or {}
-            restated = [k for k, v in keys.items() if k != "defaults" and defaults[group].get(k) == v]
-            assert restated == [], f"configs/{group}/{name}.yaml restates defaults: {restated}"
+    recipes = sorted((CONFIGS / "recipe").glob("*.yaml"))
+    assert recipes, "no recipes found"
+    for path in recipes:
+        assert path.stem in CORPORA, f"configs/recipe/{path.name} names no corpus of charlm/corpora.py"
+        sections = yaml.safe_load(path.read_text()) or {}
+        assert set(sections) <= {"model", "train"}, f"{path.name}: a recipe sets model.* and train.* only"
+        for group, keys in sections.items():
+            restated = [k for k, v in keys.items() if defaults[group].get(k) == v]
+            assert restated == [], f"configs/recipe/{path.name} restates defaults: {group}.{restated}"
 
 
 def test_a_corpus_needs_only_its_data_file_and_corpora_entry():

@@ -97,7 +97,9 @@ def test_text_without_path_says_what_to_add(tmp_path):
     ((), 256, 64),  # The Time Machine
     (("data=tinyshakespeare",), 128, 32),
     (("data=text", "data.path=notes.txt"), 256, 64),
-    (("data=tinyshakespeare", "model=small", "train=timemachine"), 256, 64),  # a choice on the command line wins
+    (("data=tinyshakespeare", "model=small", "recipe=timemachine"), 256, 64),  # a choice on the command line wins
+    (("data=tinyshakespeare", "model=small"), 256, 32),  # a named size over the corpus's recipe
+    (("data=text", "data.path=notes.txt", "recipe=tinyshakespeare"), 128, 32),
     (("data=tinyshakespeare", "train.batch_size=8"), 128, 8),
 ])
 def test_each_corpus_gets_its_tuned_model_and_schedule(tmp_path, args, d_model, batch_size):
