@@ -425,12 +425,14 @@ def evaluate(cfg: EvaluateConfig, data_given: bool = True) -> dict[str, Any]:
     path, model, text_path, which, data = _scored_text(cfg, data_given)
     device = next(model.parameters()).device
     t0 = time.perf_counter()
-    loss, n = evaluate_loss(model, data, seq_len=EVALUATE_SEQ_LEN, lanes=1, device=device)
+    with _progress(len(data), "scoring") as bar:
+        loss, n = evaluate_loss(model, data, seq_len=EVALUATE_SEQ_LEN, lanes=1, device=device, progress=bar.update)
     result = {"checkpoint": str(path), "data": str(text_path), "split": which, "bytes": n, **metrics(loss),
               "seconds": round(time.perf_counter() - t0, 3)}
     if cfg.dynamic:
         t0 = time.perf_counter()
-        dyn, _ = dynamic_loss(model, data, cfg.dynamic_window, cfg.dynamic_lr, device)
+        with _progress(len(data), "dynamic") as bar:
+            dyn, _ = dynamic_loss(model, data, cfg.dynamic_window, cfg.dynamic_lr, device, progress=bar.update)
         result.update({f"dynamic_{k}": v for k, v in metrics(dyn).items()},
                       dynamic_lr=cfg.dynamic_lr, dynamic_window=cfg.dynamic_window,
                       dynamic_seconds=round(time.perf_counter() - t0, 3))
@@ -453,6 +455,14 @@ def evaluate(cfg: EvaluateConfig, data_given: bool = True) -> dict[str, Any]:
         lines.append(f"page:        {result['html']}")
     print("\n".join(lines))
     return result
+
+
+def _progress(total: int, what: str) -> Any:
+    """A bar on stderr for a long scoring, shown on a terminal only (stdout keeps just the figures)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=what, unit="B", unit_scale=True, file=sys.stderr, leave=False,
+                disable=None if total >= 100_000 else True)
 
 
 def _scored_text(cfg: EvaluateConfig, data_given: bool) -> tuple[Path, Any, Path, str, Any]:

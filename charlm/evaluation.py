@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -35,6 +36,7 @@ def evaluate_loss(
     seq_len: int = 256,
     lanes: int = 1,
     device: torch.device | str = "cpu",
+    progress: Optional[Callable[[int], None]] = None,
 ) -> tuple[float, int]:
     """Mean NLL (nats/byte) of every byte of data and how many bytes were scored.
 
@@ -42,6 +44,7 @@ def evaluate_loss(
     from the start byte and a zero state, the state carried window to window. lanes=1 scores the
     text exactly as one stream; more lanes are faster and cost a little context at each lane
     start. Up to lanes-1 bytes at the very end are left out so that the lanes are equal.
+    progress, if given, is told how many bytes each window scored.
     """
     lanes = max(1, min(lanes, len(data)))
     lane_len = len(data) // lanes
@@ -58,6 +61,8 @@ def evaluate_loss(
         prev = y[:, -1:]
         log_probs, h = model(x.to(device), h)
         total += F.nll_loss(log_probs.reshape(-1, log_probs.size(-1)), y.to(device).reshape(-1), reduction="sum").item()
+        if progress:
+            progress(y.numel())
     model.train(was_training)
     n = lanes * lane_len
     return total / n, n
@@ -69,13 +74,15 @@ def dynamic_loss(
     window: int,
     lr: float,
     device: torch.device | str = "cpu",
+    progress: Optional[Callable[[int], None]] = None,
 ) -> tuple[float, int]:
     """Mean NLL (nats/byte) of data under dynamic evaluation (Krause et al., 2018, plain SGD).
 
     The text is read as one stream, as evaluate_loss(lanes=1) reads it, in windows of `window`
     bytes. Each window is scored first, and only then is a copy of the model updated by one SGD
     step on that window's mean loss, so no byte is ever predicted by weights that have seen it.
-    The hidden state is carried across windows. `model` itself is left as it was.
+    The hidden state is carried across windows. `model` itself is left as it was. progress, if
+    given, is told how many bytes each window scored.
     """
     adapted = copy.deepcopy(model).to(device).eval()  # eval: no dropout; gradients still flow
     optimizer = torch.optim.SGD(adapted.parameters(), lr=lr)
@@ -92,4 +99,6 @@ def dynamic_loss(
         (loss / y.size(1)).backward()
         optimizer.step()
         h = h.detach()
+        if progress:
+            progress(y.size(1))
     return total / max(len(data), 1), len(data)
