@@ -10,6 +10,7 @@ import json
 import re
 import sys
 import time
+import typing
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -37,9 +38,10 @@ SCHEMAS = {"train": Config, "sample": SampleConfig, "evaluate": EvaluateConfig}
 def settings_help(schema: type, prefix: str = "") -> list[tuple[str, str, str]]:
     """(key, default as shown, help) for every setting of schema, sections flattened (train.lr)."""
     rows = []
+    types = typing.get_type_hints(schema)
     for f in dataclasses.fields(schema):
-        if dataclasses.is_dataclass(f.type) or (isinstance(f.type, str) and f.type.endswith("Config")):
-            rows += settings_help(type(getattr(schema(), f.name)), f"{prefix}{f.name}.")
+        if dataclasses.is_dataclass(types[f.name]):  # a section: data, model, train
+            rows += settings_help(types[f.name], f"{prefix}{f.name}.")
             continue
         shown = f.metadata.get("shown") or show_value(f.default)
         rows.append((prefix + f.name, shown, f.metadata.get("help", "")))
