@@ -33,6 +33,7 @@ _store.store(name="evaluate_schema", node=EvaluateConfig)
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 SCHEMAS = {"train": Config, "sample": SampleConfig, "evaluate": EvaluateConfig}
+MODEL_SHAPE = ("d_model", "n_layers", "cell")  # what a checkpoint's weights fix (resume, init_from)
 
 
 def settings_help(schema: type, prefix: str = "") -> list[tuple[str, str, str]]:
@@ -106,16 +107,15 @@ def check_overrides(config_name: str, argv: list[str], usage: str) -> None:
     from hydra.errors import HydraException, MissingConfigException
 
     overrides = argv[1:]
-    config_dir = CONFIG_DIR
     if any(a in ("-h", "--help") for a in overrides):
         print(help_text(usage, SCHEMAS[config_name], _group_choices(config_name)))
         sys.exit(0)
     if config_name == "train":
-        _check_recipe_choices(config_dir, overrides)
+        _check_recipe_choices(overrides)
     if any(a.startswith("-") for a in overrides):
         return
     try:
-        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             compose(config_name, overrides=overrides)
     except MissingConfigException as e:
         options = getattr(e, "options", None) or []
@@ -134,7 +134,7 @@ def check_overrides(config_name: str, argv: list[str], usage: str) -> None:
         fail(" ".join(lines[:2]) + " (quote free text: key='a, b')")
 
 
-def _check_recipe_choices(config_dir: Path, overrides: list[str]) -> None:
+def _check_recipe_choices(overrides: list[str]) -> None:
     """recipe=... (and model=...) name files that must exist. configs/train.yaml marks recipe
     optional (a corpus without one takes the defaults), and Hydra skips a missing optional choice
     without a word, so a misspelt one is caught here (sweeps' a,b,c included)."""
@@ -144,7 +144,7 @@ def _check_recipe_choices(config_dir: Path, overrides: list[str]) -> None:
             fail(f"{arg}: train holds settings (train.lr=...); a corpus's model and schedule are chosen"
                  f" with recipe=<corpus>")
         if sep and key in ("recipe", "model"):
-            options = sorted(p.stem for p in (config_dir / key).glob("*.yaml"))
+            options = sorted(p.stem for p in (CONFIG_DIR / key).glob("*.yaml"))
             for choice in value.split(","):
                 if choice not in options:
                     fail(f"{key}={choice} is not a config; choose one of: {', '.join(options)}")
@@ -202,7 +202,7 @@ def _resume_config(cfg: DictConfig, overrides: list[str]) -> tuple[Config, dict[
                 OmegaConf.update(merged, key, value, merge=True)
         except OmegaConfBaseException as e:
             fail(f"{o.input_line}: {str(e).splitlines()[0]}")
-    fixed = {"data": ("name", "path", "train_frac", "val_frac"), "model": ("d_model", "n_layers", "cell")}
+    fixed = {"data": ("name", "path", "train_frac", "val_frac"), "model": MODEL_SHAPE}
     for section, keys in fixed.items():
         for k in keys:
             if merged[section][k] != saved[section][k]:
@@ -234,7 +234,7 @@ def _init_from_config(cfg: DictConfig, overrides: list[str]) -> tuple[Config, di
         key = o.key_or_group
         value = OmegaConf.to_container(cfg.model, resolve=True) if key == "model" else o.value()
         OmegaConf.update(merged, key, value, merge=True)
-        for k in ("d_model", "n_layers", "cell"):
+        for k in MODEL_SHAPE:
             if merged.model[k] != saved[k]:
                 fail(f"{o.input_line} would make model.{k} {merged.model[k]}, but train.init_from={path} is a"
                      f" {saved.d_model}x{saved.n_layers} {saved.cell} model; drop it, or start from scratch")
@@ -260,7 +260,7 @@ def run_train(cfg: DictConfig) -> None:
             config, init = _init_from_config(cfg, overrides)
         else:
             config = _to_object(cfg, Config)
-        explicit_out_dir = any(o.startswith("out_dir=") for o in hydra_cfg.overrides.task)
+        explicit_out_dir = any(o.startswith("out_dir=") for o in overrides)
         if hydra_cfg.mode == RunMode.MULTIRUN and not explicit_out_dir:
             config.out_dir = hydra_cfg.runtime.output_dir  # one directory per job of a sweep
         out_dir = Path(config.out_dir)
@@ -349,26 +349,22 @@ def _interactive(model: Any, prompt: str, cfg: SampleConfig, generator: Any) -> 
     """sample.py interactive=true: a line in, `length` bytes of continuation out, one text throughout.
 
     On a terminal a hint and a "> " prompt go to stderr; through a pipe nothing but the model's
-    text is written (one line per turn), so a script can drive it.
+    text is written, each turn ending with a line break, so a script can drive it.
     """
     from .sampling import Conversation
-    from .tokenizer import StreamDecoder
 
     terminal = sys.stdin.isatty()
     talk = Conversation(model, cfg.temperature, cfg.top_k, cfg.top_p, generator)
-    stop = cfg.stop.encode("utf-8")
 
     def turn(text: str) -> None:
         talk.read(text.encode("utf-8"))
-        decoder, written = StreamDecoder(), "\n"
-        for byte in talk.write(cfg.length, stop):
-            piece = decoder.feed(byte)
+        written = ""
+        for piece in talk.write_text(cfg.length, cfg.stop):
             sys.stdout.write(piece)
             sys.stdout.flush()
-            written = piece or written
-        rest = decoder.finish()
+            written = piece
         # a turn ends with a line break: the model's own (stop=$'\n': one line per turn), or one added
-        sys.stdout.write(rest + ("" if (rest or written).endswith("\n") else "\n"))
+        sys.stdout.write("" if written.endswith("\n") else "\n")
         sys.stdout.flush()
 
     if terminal:

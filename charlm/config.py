@@ -101,17 +101,14 @@ class TrainConfig:
             raise CharlmError(f"train.lr must be above 0, got {self.lr}")
         if not 0 <= self.min_lr <= self.lr:
             raise CharlmError(f"train.min_lr must be between 0 and train.lr, got {self.min_lr}")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise CharlmError(f"train.precision must be auto, fp32 or bf16, got {self.precision!r}")
+        check_choice(self.precision, "train.precision", ("auto", "fp32", "bf16"))
         if not self.max_seconds >= 0:
             raise CharlmError(f"train.max_seconds must be 0 (no budget) or more, got {self.max_seconds}")
         for name in ("warmup_steps", "eval_bytes", "sample_length", "weight_decay", "grad_clip"):
             if getattr(self, name) < 0:
                 raise CharlmError(f"train.{name} must be 0 or more, got {getattr(self, name)}")
-        if self.batching not in ("stream", "random"):
-            raise CharlmError(f"train.batching must be stream or random, got {self.batching!r}")
-        if self.on_nonfinite not in ("stop", "skip"):
-            raise CharlmError(f"train.on_nonfinite must be stop or skip, got {self.on_nonfinite!r}")
+        check_choice(self.batching, "train.batching", ("stream", "random"))
+        check_choice(self.on_nonfinite, "train.on_nonfinite", ("stop", "skip"))
         check_device(self.device, "train.device")
 
 
@@ -136,8 +133,7 @@ def _check_model(m: ModelConfig) -> None:
         raise CharlmError(f"model.n_layers must be at least 1, got {m.n_layers}")
     if not 0 <= m.dropout < 1:
         raise CharlmError(f"model.dropout must be in [0, 1), got {m.dropout}")
-    if m.cell not in ("reset_after", "reset_before"):
-        raise CharlmError(f"model.cell must be reset_after or reset_before, got {m.cell!r}")
+    check_choice(m.cell, "model.cell", ("reset_after", "reset_before"))
 
 
 @dataclass

@@ -75,7 +75,6 @@ def _export(step: DecodeStep, byte: torch.Tensor, hidden: torch.Tensor, out: Pat
 def main(argv: list[str]) -> None:
     """`python -m charlm.export checkpoint=... [format=onnx|keras] [out=...]`"""
     from .cli import parse_settings
-    from .config import ExportConfig
     from .errors import CharlmError, fail
 
     try:

@@ -151,43 +151,36 @@ def sample_text(model: CharLM, prompt: str, length: int, stop: str = "", **kwarg
 def stream_text(model: CharLM, prompt: str, length: int, stop: str = "", **kwargs) -> Iterator[str]:
     """Pieces of text for one sample as they are generated (partial UTF-8 held back).
 
-    With `stop`, the text ends just after the first occurrence of stop in the new text.
+    With `stop`, the text ends just after the first occurrence of stop in the new text. kwargs:
+    temperature, top_k, top_p, generator.
     """
-    decoder = StreamDecoder()
-    stop_bytes = stop.encode("utf-8")
-    tail = b""
-    for byte in generate(model, prompt.encode("utf-8"), length, num_samples=1, **kwargs):
-        b = int(byte[0])
-        piece = decoder.feed(b)
-        if piece:
-            yield piece
-        if stop_bytes:
-            tail = (tail + bytes((b,)))[-len(stop_bytes):]
-            if tail == stop_bytes:
-                break
-    rest = decoder.finish()
-    if rest:
-        yield rest
+    was_training = model.training
+    try:
+        talk = Conversation(model, **kwargs)
+        talk.read(prompt.encode("utf-8"))
+        yield from talk.write_text(length, stop)
+    finally:
+        model.train(was_training)
 
 
 class Conversation:
-    """One text written in turns (sample.py interactive=true): read() takes text into the model's
-    state, write() continues it; the hidden state carries across both, so the turns are one text."""
+    """One text written in turns (sample.py interactive=true, and stream_text's single turn):
+    read() takes text into the model's state, write() continues it; the hidden state carries
+    across both, so the turns are one text. The first read starts from the start byte."""
 
     def __init__(self, model: CharLM, temperature: float = 0.8, top_k: Optional[int] = None,
                  top_p: Optional[float] = None, generator: Optional[torch.Generator] = None):
         self.model = model.eval()
         self.device = next(model.parameters()).device
-        self.choose = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        self.temperature, self.top_k, self.top_p, self.generator = temperature, top_k, top_p, generator
         self.stepper = ByteStepper(model)
-        self.h: Optional[torch.Tensor] = None
+        self.h: Optional[torch.Tensor] = None  # None: nothing read yet
         self.log_probs = torch.empty(0)
-        self.read(b"", start=True)
 
     @torch.no_grad()
-    def read(self, data: bytes, start: bool = False) -> None:
-        """Take data into the text (start: the start byte first, as at the start of a text)."""
-        seq = [START_BYTE, *data] if start else list(data)
+    def read(self, data: bytes) -> None:
+        """Take data into the text."""
+        seq = list(data) if self.h is not None else [START_BYTE, *data]
         if seq:
             log_probs, self.h = self.model(torch.tensor([seq], device=self.device), self.h)
             self.log_probs = log_probs[:, -1]
@@ -195,10 +188,11 @@ class Conversation:
     @torch.no_grad()
     def write(self, length: int, stop: bytes = b"") -> Iterator[int]:
         """Up to `length` new bytes, each part of the text once chosen; ends after `stop` if it appears."""
+        if self.h is None:
+            self.read(b"")
         tail = b""
         for _ in range(length):
-            byte = next_byte(self.log_probs, self.choose["temperature"], self.choose["top_k"],
-                             self.choose["generator"], self.choose["top_p"])
+            byte = next_byte(self.log_probs, self.temperature, self.top_k, self.generator, self.top_p)
             self.log_probs, self.h = self.stepper(byte, self.h)
             b = int(byte[0])
             yield b
@@ -206,3 +200,15 @@ class Conversation:
                 tail = (tail + bytes((b,)))[-len(stop):]
                 if tail == stop:
                     return
+
+    def write_text(self, length: int, stop: str = "") -> Iterator[str]:
+        """write() decoded as it goes: an incomplete UTF-8 character is held back until its last
+        byte (or the end of the turn, where it becomes U+FFFD)."""
+        decoder = StreamDecoder()
+        for byte in self.write(length, stop.encode("utf-8")):
+            piece = decoder.feed(byte)
+            if piece:
+                yield piece
+        rest = decoder.finish()
+        if rest:
+            yield rest
