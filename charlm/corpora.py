@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+
+PACKAGED = Path(__file__).resolve().parent / "texts"  # corpora that ship with charlm: no download
 
 
 @dataclass(frozen=True)
@@ -9,6 +12,7 @@ class Corpus:
     url: str
     sha256: str
     size: int
+    packaged: bool = False  # PACKAGED/<name>.txt is read when the cache has no copy
 
 
 CORPORA: dict[str, Corpus] = {
@@ -16,6 +20,7 @@ CORPORA: dict[str, Corpus] = {
         url="http://d2l-data.s3-accelerate.amazonaws.com/timemachine.txt",
         sha256="8424dbd9532ac81f7e5f0b6add90e6952baea29158309d7d1bf3884f4e12c516",
         size=178_979,
+        packaged=True,  # public domain; the corpus a first run meets, so it needs no network
     ),
     "tinyshakespeare": Corpus(
         url="https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",

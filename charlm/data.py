@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .config import DataConfig
-from .corpora import CORPORA
+from .corpora import CORPORA, PACKAGED
 from .errors import CharlmError
 from .tokenizer import START_BYTE
 
@@ -30,11 +30,13 @@ def sha256_of(path: Path) -> str:
 
 def ensure_corpus(name: str, cache_dir: str | Path, url: Optional[str] = None,
                   announce: Optional[Callable[[str], None]] = None) -> Path:
-    """Path of a verified named corpus in cache_dir, downloading it first if it is missing
-    (announce, if given, is told before a download starts)."""
+    """Path of a verified named corpus: the copy in cache_dir, else the one charlm ships, else one
+    downloaded into cache_dir first (announce, if given, is told before a download starts)."""
     corpus = CORPORA[name]
     path = Path(cache_dir) / f"{name}.txt"
-    if not path.exists():
+    if not path.exists() and corpus.packaged:
+        path = PACKAGED / f"{name}.txt"  # checked by its hash below like any copy
+    elif not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         source = url or corpus.url
         if announce:

@@ -122,3 +122,19 @@ def test_seeded_reference_corpus_verifies(timemachine_cache):
     path = ensure_corpus("timemachine", timemachine_cache)
     assert path.stat().st_size == CORPORA["timemachine"].size
     assert data_mod.load_bytes(path).dtype == np.uint8
+
+
+def test_timemachine_ships_with_the_package_and_needs_no_network(tmp_path, monkeypatch):
+    """A first run with an empty cache and no network: the packaged copy, checked by its hash."""
+    from charlm.corpora import PACKAGED
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the packaged corpus must not be downloaded")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    monkeypatch.chdir(tmp_path)
+    path = ensure_corpus("timemachine", tmp_path / "empty_cache")
+    assert path == PACKAGED / "timemachine.txt"
+    assert path.stat().st_size == CORPORA["timemachine"].size
+    assert not (tmp_path / "empty_cache").exists()  # nothing written into the cache
+
