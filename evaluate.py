@@ -10,12 +10,15 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from charlm.cli import check_overrides, run_evaluate
+from charlm.cli import check_overrides, pop_raw_args, run_evaluate
+from charlm.config import EvaluateConfig, path_keys
+
+RAW = pop_raw_args(sys.argv, path_keys(EvaluateConfig))  # file names: kept away from Hydra's parser
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    run_evaluate(cfg)
+    run_evaluate(cfg, RAW)
 
 
 if __name__ == "__main__":

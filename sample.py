@@ -2,7 +2,8 @@
 
     python sample.py [checkpoint=RUN_DIR|FILE.pt] prompt="..." [length=200] [temperature=0.8] ...
 
-prompt=, prompt_file= and stop= take free text exactly as typed; temperature=0 is greedy.
+prompt=, stop= and the file names checkpoint= and prompt_file= are taken exactly as typed;
+temperature=0 is greedy.
 """
 import sys
 
@@ -10,8 +11,10 @@ import hydra
 from omegaconf import DictConfig
 
 from charlm.cli import check_overrides, pop_raw_args, run_sample
+from charlm.config import SampleConfig, path_keys
 
-RAW = pop_raw_args(sys.argv, ("prompt", "prompt_file", "stop"))  # free text: kept away from Hydra's parser
+# free text and file names: kept away from Hydra's parser
+RAW = pop_raw_args(sys.argv, ("prompt", "stop", *path_keys(SampleConfig)))
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="sample")

@@ -1,7 +1,7 @@
 """Checkpoints: plain data only, written atomically, loaded with weights_only=True."""
 from __future__ import annotations
 
-import os
+import io
 import pickle
 import re
 from dataclasses import asdict
@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from .errors import CharlmError
+from .files import atomic_write
 from .model import CharLM, ModelConfig
 
 FORMAT = "charlm-checkpoint"
@@ -20,22 +21,25 @@ TRAIN_COMMAND = "python train.py data=timemachine"
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """Write state to path so that a crash at any moment leaves the old file or the new one.
+    """Write state to path so that a crash or a failed write at any moment leaves the old file or
+    the new one (charlm.files.atomic_write); an OSError says why the write failed."""
+    buffer = io.BytesIO()  # serialized first: a full disk then fails as an OSError, in one place
+    torch.save({"format": FORMAT, "version": VERSION, **state}, buffer)
+    atomic_write(path, buffer.getbuffer())
 
-    The file is written beside its destination, flushed to disk, then renamed over it.
-    """
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save({"format": FORMAT, "version": VERSION, **state}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+
+def describe_saved(out_dir: Path) -> str:
+    """What out_dir's checkpoints hold now, read back from disk: "last.pt holds step 300, best.pt step 200"."""
+    held = []
+    for name in ("last.pt", "best.pt"):
+        if (out_dir / name).exists():
+            try:
+                held.append(f"{name} step {load_checkpoint(out_dir / name)['step']}")
+            except CharlmError:
+                held.append(f"{name} unreadable")
+    if not held:
+        return f"{out_dir} holds no checkpoint"
+    return "saved so far: " + ", ".join(held).replace(" step", " holds step", 1)
 
 
 def model_state(model: CharLM) -> dict[str, Any]:

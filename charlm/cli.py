@@ -18,7 +18,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .config import Config, EvaluateConfig, SampleConfig
+from .config import Config, EvaluateConfig, SampleConfig, path_keys
 from .errors import CharlmError, fail
 
 EVALUATE_SEQ_LEN = 512  # bytes per window for evaluate.py (one stream: the window only sets the work per call)
@@ -90,11 +90,13 @@ def parse_settings(schema: type, argv: list[str], usage: str) -> Any:
     for arg in argv:
         if "=" not in arg or arg.startswith("-"):
             raise CharlmError(f"{arg!r} is not a key=value setting; `{prog} --help` lists them")
+    argv = [prog, *argv]
+    raw = pop_raw_args(argv, path_keys(schema))  # file names: as typed, not read as YAML
     try:
-        given = OmegaConf.from_dotlist(argv)
+        given = OmegaConf.from_dotlist(argv[1:])
     except OmegaConfBaseException as e:
         raise CharlmError(str(e).splitlines()[0]) from None
-    return _to_object(given, schema, prog)
+    return _to_object(with_raw(given, raw), schema, prog)
 
 
 def check_overrides(config_name: str, argv: list[str], usage: str) -> None:
@@ -177,8 +179,8 @@ def _guarded(fn: Callable[[], Any]) -> Any:
         fail(str(e))
 
 
-def _resume_config(cfg: DictConfig, overrides: list[str]) -> tuple[Config, dict[str, Any]]:
-    """The saved run's config with this command line's overrides on top.
+def _resume_config(cfg: DictConfig, overrides: list[str], raw: dict[str, str]) -> tuple[Config, dict[str, Any]]:
+    """The saved run's config with this command line's overrides (and raw path settings) on top.
 
     Every override takes effect (train.lr included) or is refused here: a resumed run keeps its
     text and its model's shape. Repeating the run's own choices (data=..., model=...) is fine.
@@ -189,9 +191,9 @@ def _resume_config(cfg: DictConfig, overrides: list[str]) -> tuple[Config, dict[
 
     path = resolve_checkpoint(cfg.train.resume, prefer="last.pt")
     state = load_checkpoint(path)
-    saved = OmegaConf.merge(OmegaConf.structured(Config), state["config"])
+    saved = OmegaConf.merge(OmegaConf.structured(Config), _literal_tree(state["config"]))
     merged = saved.copy()
-    given = [o for o in OverridesParser.create().parse_overrides(overrides) if o.key_or_group != "train.resume"]
+    given = OverridesParser.create().parse_overrides(overrides)
     for o in given:
         # a group choice stands for what it sets, as this command composes it: data=... and
         # model=... their section, recipe=... the model and train sections
@@ -202,15 +204,26 @@ def _resume_config(cfg: DictConfig, overrides: list[str]) -> tuple[Config, dict[
                 OmegaConf.update(merged, key, value, merge=True)
         except OmegaConfBaseException as e:
             fail(f"{o.input_line}: {str(e).splitlines()[0]}")
+    with_raw(merged, {k: v for k, v in raw.items() if k != "train.resume"})
+    lines = [(o.key_or_group, o.input_line) for o in given] + [(k, f"{k}={v}") for k, v in raw.items()]
     fixed = {"data": ("name", "path", "train_frac", "val_frac"), "model": MODEL_SHAPE}
     for section, keys in fixed.items():
         for k in keys:
             if merged[section][k] != saved[section][k]:
-                culprit = [o.input_line for o in given if o.key_or_group in (section, f"{section}.{k}", "recipe")][-1]
+                culprit = [line for key, line in lines if key in (section, f"{section}.{k}", "recipe")][-1]
                 fail(f"{culprit} would change {section}.{k} from {saved[section][k]} to {merged[section][k]},"
                      " which a resumed run cannot; drop it, or start a new run")
-    merged.train.resume = str(path)
+    merged.train.resume = literal(str(path))
     return _to_object(merged, Config), state
+
+
+def _literal_tree(d: Any) -> Any:
+    """A saved config (plain data) with every string made literal() for OmegaConf."""
+    if isinstance(d, dict):
+        return {k: _literal_tree(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_literal_tree(v) for v in d]
+    return literal(d) if isinstance(d, str) else d
 
 
 def _init_from_config(cfg: DictConfig, overrides: list[str]) -> tuple[Config, dict[str, Any]]:
@@ -238,37 +251,36 @@ def _init_from_config(cfg: DictConfig, overrides: list[str]) -> tuple[Config, di
             if merged.model[k] != saved[k]:
                 fail(f"{o.input_line} would make model.{k} {merged.model[k]}, but train.init_from={path} is a"
                      f" {saved.d_model}x{saved.n_layers} {saved.cell} model; drop it, or start from scratch")
-    merged.train.init_from = str(path.resolve())  # the record in config.yaml and HParams
+    merged.train.init_from = literal(str(path.resolve()))  # the record in config.yaml and HParams
     return _to_object(merged, Config), state
 
 
-def run_train(cfg: DictConfig) -> None:
-    """Body of `python train.py`."""
+def run_train(cfg: DictConfig, raw: dict[str, str]) -> None:
+    """Body of `python train.py`; raw holds the path settings exactly as typed."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     def go() -> None:
         hydra_cfg = HydraConfig.get()
         overrides = list(hydra_cfg.overrides.task)
+        with_raw(cfg, raw)
         state = init = None
         if cfg.train.resume and cfg.train.init_from:
             raise CharlmError("give train.resume (continue a run) or train.init_from (start a new run from its"
                               " weights), not both")
+        if cfg.train.resume and cfg.overwrite:
+            raise CharlmError("give train.resume (continue a run) or overwrite=true (start it over), not both")
         if cfg.train.resume:
-            config, state = _resume_config(cfg, overrides)
+            config, state = _resume_config(cfg, overrides, raw)
         elif cfg.train.init_from:
             config, init = _init_from_config(cfg, overrides)
         else:
             config = _to_object(cfg, Config)
-        explicit_out_dir = any(o.startswith("out_dir=") for o in overrides)
-        if hydra_cfg.mode == RunMode.MULTIRUN and not explicit_out_dir:
+        if hydra_cfg.mode == RunMode.MULTIRUN and "out_dir" not in raw:
             config.out_dir = hydra_cfg.runtime.output_dir  # one directory per job of a sweep
-        out_dir = Path(config.out_dir)
-        if out_dir.exists() and not out_dir.is_dir():
-            raise CharlmError(f"out_dir={out_dir} is a file; give a directory")
         from .train import train  # torch is imported only once the config is known to be good
 
-        summary = train(config, out_dir, resume_state=state, init_state=init)
+        summary = train(config, Path(config.out_dir), resume_state=state, init_state=init)
         if "stopped_by" in summary:  # Ctrl-C or SIGTERM: saved; the shell's code for that signal
             sys.exit(128 + summary["stopped_by"])
 
@@ -278,8 +290,8 @@ def run_train(cfg: DictConfig) -> None:
 def pop_raw_args(argv: list[str], keys: tuple[str, ...]) -> dict[str, str]:
     """Take `key=value` arguments for keys out of argv, values exactly as the shell passed them.
 
-    Hydra's override grammar would reject or reinterpret free text (commas, quotes, brackets,
-    non-ASCII), so prompts never go through it.
+    Hydra's override grammar would reject or reinterpret free text and file names (commas,
+    quotes, brackets, `=`, non-ASCII), so prompts and paths never go through it.
     """
     raw = {}
     for arg in list(argv[1:]):
@@ -290,9 +302,25 @@ def pop_raw_args(argv: list[str], keys: tuple[str, ...]) -> dict[str, str]:
     return raw
 
 
+def literal(value: str) -> str:
+    """value as OmegaConf will read it back unchanged: `${` is escaped, so no interpolation runs.
+
+    >>> literal("a ${b}")
+    'a \\\\${b}'
+    """
+    return re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", value)
+
+
+def with_raw(cfg: DictConfig, raw: dict[str, str]) -> DictConfig:
+    """The composed config with the raw `key=value` arguments set, as plain strings."""
+    for key, value in raw.items():
+        OmegaConf.update(cfg, key, literal(value), merge=False)
+    return cfg
+
+
 def run_sample(cfg: DictConfig, raw: dict[str, str]) -> None:
-    """`python sample.py`; raw holds prompt/prompt_file exactly as typed."""
-    _guarded(lambda: sample(_to_object(OmegaConf.merge(cfg, raw), SampleConfig)))
+    """`python sample.py`; raw holds the prompt, stop text and paths exactly as typed."""
+    _guarded(lambda: sample(_to_object(with_raw(cfg, raw), SampleConfig)))
 
 
 def read_prompt(cfg: SampleConfig) -> str:
@@ -399,13 +427,13 @@ def _explain(model: Any, prompt: str, cfg: SampleConfig, generator: Any) -> None
         print("text: " + text.decode("utf-8", errors="replace"))
 
 
-def run_evaluate(cfg: DictConfig) -> None:
-    """Body of `python evaluate.py`."""
+def run_evaluate(cfg: DictConfig, raw: dict[str, str]) -> None:
+    """Body of `python evaluate.py`; raw holds the path settings exactly as typed."""
     from hydra.core.hydra_config import HydraConfig
 
     def go() -> None:
-        config = _to_object(cfg, EvaluateConfig)
-        given = [o.lstrip("+~").split("=")[0].split(".")[0] for o in HydraConfig.get().overrides.task]
+        config = _to_object(with_raw(cfg, raw), EvaluateConfig)
+        given = [o.lstrip("+~").split("=")[0].split(".")[0] for o in [*HydraConfig.get().overrides.task, *raw]]
         evaluate(config, data_given="data" in given)
 
     _guarded(go)

@@ -5,7 +5,8 @@ that help, and a test checks the README's tables against it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Optional
 
 from .corpora import CORPORA
@@ -15,10 +16,28 @@ from .errors import CharlmError
 # second; each dataclass below is the schema of one command or config group.
 
 
-def setting(default: Any, help: str, shown: Optional[str] = None) -> Any:
+def setting(default: Any, help: str, shown: Optional[str] = None, path: bool = False) -> Any:
     """A dataclass field with its help; `shown` is how --help and the README give a default that
-    the code computes (None: "the newest run", a date in a path)."""
-    return field(default=default, metadata={"help": help, **({"shown": shown} if shown else {})})
+    the code computes (None: "the newest run", a date in a path). A `path` setting names a file or
+    directory: the commands take its value exactly as the shell passed it (see path_keys)."""
+    metadata = {"help": help, **({"shown": shown} if shown else {}), **({"path": True} if path else {})}
+    return field(default=default, metadata=metadata)
+
+
+def path_keys(schema: type, prefix: str = "") -> tuple[str, ...]:
+    """The dotted keys of schema's path settings (data.path, out_dir, ...), sections included.
+
+    >>> path_keys(SampleConfig)
+    ('checkpoint', 'prompt_file')
+    """
+    keys: list[str] = []
+    types = typing.get_type_hints(schema)
+    for f in fields(schema):
+        if is_dataclass(types[f.name]):
+            keys += path_keys(types[f.name], f"{prefix}{f.name}.")
+        elif f.metadata.get("path"):
+            keys.append(prefix + f.name)
+    return tuple(keys)
 
 
 @dataclass
@@ -26,8 +45,8 @@ class DataConfig:
     """Which text to train on and how to split it (fractions by position)."""
 
     name: str = setting("timemachine", "the corpus: set by `data=`; a key of `charlm/corpora.py`, or `text`")
-    path: Optional[str] = setting(None, "the file to read with `data=text`", shown="none")
-    cache_dir: str = setting("data", "where named corpora are downloaded to")
+    path: Optional[str] = setting(None, "the file to read with `data=text`", shown="none", path=True)
+    cache_dir: str = setting("data", "where named corpora are downloaded to", path=True)
     train_frac: float = setting(0.9, "the first part of the text, for training")
     val_frac: float = setting(0.05, "the next part, for validation; the test split gets the rest")
 
@@ -86,10 +105,10 @@ class TrainConfig:
     precision: str = setting(
         "auto", "`fp32`, `bf16` (autocast), or `auto`: times a training step in both at start-up and"
         " takes bf16 only where it is clearly faster (see [Precision](#precision))")
-    resume: Optional[str] = setting(None, "a run directory or `.pt` to continue", shown="none")
+    resume: Optional[str] = setting(None, "a run directory or `.pt` to continue", shown="none", path=True)
     init_from: Optional[str] = setting(
         None, "a run directory or `.pt` whose weights and model size a new run starts from (fine-tuning, from"
-        " step 0 with a fresh optimizer and schedule)", shown="none")
+        " step 0 with a fresh optimizer and schedule)", shown="none", path=True)
     on_nonfinite: str = setting("stop", "a NaN/inf loss or gradient: `stop` with a message, or `skip` the step")
 
     def __post_init__(self) -> None:
@@ -144,7 +163,11 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     seed: int = setting(0, "seeds initialisation, batching and the in-training samples")
-    out_dir: str = setting("runs/run", "where the run is written", shown="runs/<data>/<date>_<time>")
+    out_dir: str = setting(
+        "runs/run", "where the run is written", shown="runs/<data>/<date>_<time>", path=True)
+    overwrite: bool = setting(
+        False, "start over in an `out_dir` that already holds a run, deleting its checkpoints, config.yaml and"
+        " events first (without it such a directory is refused)")
 
     def __post_init__(self) -> None:
         _check_model(self.model)
@@ -157,7 +180,8 @@ NEWEST = "newest run under `runs/`"
 class EvaluateConfig:
     """What `python evaluate.py` runs."""
 
-    checkpoint: Optional[str] = setting(None, "a run directory (its `best.pt`) or a `.pt` file", shown=NEWEST)
+    checkpoint: Optional[str] = setting(
+        None, "a run directory (its `best.pt`) or a `.pt` file", shown=NEWEST, path=True)
     data: DataConfig = field(default_factory=DataConfig)
     split: Optional[str] = setting(
         None, "`train`, `val`, `test` or `all`", shown="`test` (`val` where there is none), or `all` for `data=text`")
@@ -169,7 +193,8 @@ class EvaluateConfig:
     dynamic_lr: float = setting(0.03, "dynamic evaluation's SGD learning rate")
     dynamic_window: int = setting(50, "bytes scored between dynamic evaluation's updates")
     html: Optional[str] = setting(
-        None, "write a page showing the text through the model: surprisal, top 5, gates, units", shown="none")
+        None, "write a page showing the text through the model: surprisal, top 5, gates, units", shown="none",
+        path=True)
     html_bytes: int = setting(4096, "the page shows the first N bytes of the scored text")
 
     def __post_init__(self) -> None:
@@ -187,9 +212,10 @@ class EvaluateConfig:
 class SampleConfig:
     """What `python sample.py` runs."""
 
-    checkpoint: Optional[str] = setting(None, "a run directory (its `best.pt`) or a `.pt` file", shown=NEWEST)
+    checkpoint: Optional[str] = setting(
+        None, "a run directory (its `best.pt`) or a `.pt` file", shown=NEWEST, path=True)
     prompt: str = setting("", "text to continue, taken exactly as typed; empty means start of text", shown="empty")
-    prompt_file: Optional[str] = setting(None, "read the prompt from a UTF-8 file", shown="none")
+    prompt_file: Optional[str] = setting(None, "read the prompt from a UTF-8 file", shown="none", path=True)
     length: int = setting(200, "new bytes to write")
     temperature: float = setting(0.8, "0 is greedy (always the most likely byte); higher is more adventurous")
     top_k: Optional[int] = setting(None, "sample only among the k most likely bytes (1–256)", shown="none")
@@ -230,10 +256,11 @@ class SampleConfig:
 class ExportConfig:
     """What `python -m charlm.export` runs."""
 
-    checkpoint: Optional[str] = setting(None, "a run directory (its `best.pt`) or a `.pt` file", shown=NEWEST)
+    checkpoint: Optional[str] = setting(
+        None, "a run directory (its `best.pt`) or a `.pt` file", shown=NEWEST, path=True)
     format: str = setting("onnx", "`onnx` (one decoding step) or `keras` (an `.npz` of Keras's get_weights())")
     out: Optional[str] = setting(
-        None, "the file to write", shown="`model.onnx` or `keras_weights.npz` beside the checkpoint")
+        None, "the file to write", shown="`model.onnx` or `keras_weights.npz` beside the checkpoint", path=True)
 
     def __post_init__(self) -> None:
         check_choice(self.format, "format", ("onnx", "keras"))
@@ -244,8 +271,8 @@ class ConvertConfig:
     """What `python -m charlm.convert` runs."""
 
     format: str = setting("keras", "`keras` (`.weights.h5`, or `.npz` of get_weights()) or `trax` (`.npz`)")
-    weights: Optional[str] = setting(None, "the file to read", shown="required")
-    out: Optional[str] = setting(None, "the charlm checkpoint (`.pt`) to write", shown="required")
+    weights: Optional[str] = setting(None, "the file to read", shown="required", path=True)
+    out: Optional[str] = setting(None, "the charlm checkpoint (`.pt`) to write", shown="required", path=True)
     reset_after: Optional[bool] = setting(
         None, "the Keras GRU's reset_after (required for Keras; Trax's cell is reset-before)", shown="none")
     flip_update_gate: bool = setting(False, "the weights use h' = (1-z)*h + z*n")

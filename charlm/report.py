@@ -3,17 +3,20 @@ TensorBoard events, config.yaml and the summary. Rank 0 reports; on other ranks 
 from __future__ import annotations
 
 import math
+import shlex
 import sys
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from tqdm import tqdm
 
 from .config import Config
 from .errors import CharlmError
 from .evaluation import metrics
+from .files import atomic_write, write_error
 
 
 class Reporter:
@@ -21,7 +24,13 @@ class Reporter:
 
     def __init__(self, active: bool, out_dir: Path, cfg: Config, resumed_at: Optional[int]) -> None:
         self.active, self.out_dir, self.cfg = active, out_dir, cfg
-        self.writer = _open_writer(out_dir, cfg, resumed_at) if active else None
+        self.writer = None
+        if active:
+            _write_config(out_dir, cfg)
+            try:
+                self.writer = _open_writer(out_dir, resumed_at)
+            except OSError as e:
+                self._events_lost(e)
         self.bar: Optional[tqdm] = None
         self.last_val: Optional[float] = None
         self.tokens, self.t_log = 0, time.perf_counter()  # tokens trained since the last log line
@@ -51,12 +60,10 @@ class Reporter:
     def log(self, step: int, train_loss: float, lr: float, grad_norm: float, skipped: int) -> None:
         """The train/* scalars and the bar's figures, every train.log_every steps."""
         tok_s = self.tokens / (time.perf_counter() - self.t_log)
-        if self.writer:
-            for tag, value in (("loss", train_loss), ("bpb", train_loss / math.log(2)), ("lr", lr),
-                               ("grad_norm", grad_norm), ("tokens_per_sec", tok_s)):
-                self.writer.add_scalar(f"train/{tag}", value, step)
-            if skipped:
-                self.writer.add_scalar("train/skipped_steps", skipped, step)
+        if self.active:
+            scalars = {"loss": train_loss, "bpb": train_loss / math.log(2), "lr": lr, "grad_norm": grad_norm,
+                       "tokens_per_sec": tok_s, **({"skipped_steps": skipped} if skipped else {})}
+            self.events(lambda: [self.writer.add_scalar(f"train/{tag}", v, step) for tag, v in scalars.items()])
             postfix = {"loss": f"{train_loss:.3f}", "tok/s": f"{tok_s:,.0f}"}
             if self.last_val is not None:
                 postfix["val"] = f"{self.last_val:.3f}"
@@ -66,28 +73,44 @@ class Reporter:
     def evaluation(self, step: int, m: dict[str, float], best: float, sample: str, improved: bool) -> None:
         """The val/* scalars, the sample, and the line under the bar."""
         self.last_val = m["loss"]
-        for key, value in m.items():
-            self.writer.add_scalar(f"val/{key}", value, step)
-        self.writer.add_text("sample", "    " + sample.replace("\n", "\n    "), step)  # markdown code
-        # curves of the best so far: the HParams tab reads their last points
-        self.writer.add_scalar("val/best_loss", best, step)
-        self.writer.add_scalar("val/best_bpb", best / math.log(2), step)
+        # with the curves of the best so far: the HParams tab reads their last points
+        curves = {**m, "best_loss": best, "best_bpb": best / math.log(2)}
+        self.events(lambda: [self.writer.add_scalar(f"val/{key}", v, step) for key, v in curves.items()])
+        self.events(lambda: self.writer.add_text("sample", "    " + sample.replace("\n", "\n    "), step))  # markdown
         self.say(f"step {step}: val loss {m['loss']:.4f} | ppl {m['perplexity']:.2f} | "
                  f"{m['bpb']:.3f} bits/byte{' (best)' if improved else ''}\n    "
                  + sample.strip().replace("\n", "\n    ")[:300])
 
     def flush(self) -> None:
-        if self.writer:
-            self.writer.flush()
+        self.events(lambda: self.writer.flush())
         self.t_log = time.perf_counter()  # tokens/s measures training, not evaluation
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-        if self.writer:
-            self.writer.close()
-            self.writer = None
+        self.events(lambda: self.writer.close())
+        self.writer = None
+
+    def events(self, write: Callable[[], Any]) -> None:
+        """Run one TensorBoard write. If it fails (a full disk, a vanished directory), warn once and
+        train on without events: checkpoints matter more, and one that cannot be written stops the run."""
+        if self.writer is None:
+            return
+        try:
+            write()
+        except OSError as e:
+            self._events_lost(e)
+
+    def _events_lost(self, e: OSError) -> None:
+        writer, self.writer = self.writer, None
+        self.say(f"warning: could not write TensorBoard events in {self.out_dir} ({e.strerror}); the curves stop"
+                 " here, training and checkpoints go on")
+        try:
+            if writer is not None:
+                writer.close()
+        except OSError:
+            pass
 
     def summary(self, summary: dict[str, Any]) -> None:
         """HParams and the closing lines."""
@@ -95,23 +118,43 @@ class Reporter:
             return
         final = metrics(summary["best_val_loss"])
         summary.update(best_val_bpb=final["bpb"], best_val_perplexity=final["perplexity"])
-        _write_hparams(self.writer, self.cfg, final)
+        self.events(lambda: _write_hparams(self.writer, self.cfg, final))
         self.close()
         _print_summary(summary)
 
 
-def _open_writer(out_dir: Path, cfg: Config, resumed_at: Optional[int]):
-    """The run directory's config.yaml and TensorBoard writer."""
-    from torch.utils.tensorboard import SummaryWriter  # slow import; only rank 0 needs it
-
+def _write_config(out_dir: Path, cfg: Config) -> None:
+    """The run's resolved settings as out_dir/config.yaml, written atomically."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(_to_yaml(asdict(cfg)))
+        atomic_write(out_dir / "config.yaml", _to_yaml(asdict(cfg)).encode("utf-8"))
     except OSError as e:
-        raise CharlmError(f"cannot create out_dir={out_dir} ({e.strerror}); choose a writable directory") from None
+        raise CharlmError(write_error(out_dir / "config.yaml", e) + ", then run the same command again") from None
+
+
+def _open_writer(out_dir: Path, resumed_at: Optional[int]):
+    """The run directory's TensorBoard writer; its writing thread's errors reach the training thread."""
+    from torch.utils.tensorboard import SummaryWriter  # slow import; only rank 0 needs it
+
+    _quiet_writer_thread()
     # purge_step drops events a killed run wrote after its last checkpoint (at `resumed_at`,
     # whose own events came before the save): no duplicated steps in the curves.
     return SummaryWriter(str(out_dir), purge_step=None if resumed_at is None else resumed_at + 1)
+
+
+def _quiet_writer_thread() -> None:
+    """TensorBoard's writing thread prints a traceback when a write fails, then hands the error to
+    the next call from the training thread (which Reporter.events handles): drop the traceback."""
+    if getattr(threading.excepthook, "charlm", False):
+        return
+    previous = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if not (isinstance(args.exc_value, OSError) and type(args.thread).__name__ == "_AsyncWriterThread"):
+            previous(args)
+
+    hook.charlm = True
+    threading.excepthook = hook
 
 
 def _to_yaml(d: dict) -> str:
@@ -146,6 +189,6 @@ def _print_summary(s: dict[str, Any]) -> None:
         f"best val loss {s['best_val_loss']:.4f} nats/byte | perplexity {s['best_val_perplexity']:.2f} | "
         f"{s['best_val_bpb']:.3f} bits/byte (step {s['best_step']})\n"
         f"checkpoints:  {out}/best.pt  {out}/last.pt\n"
-        f"sample:       python sample.py checkpoint={out} prompt=\"t\" length=200\n"
-        f"tensorboard:  tensorboard --logdir {'runs' if Path(out).parts[0] == 'runs' else out}"
+        f"sample:       python sample.py {shlex.quote(f'checkpoint={out}')} prompt=\"t\" length=200\n"
+        f"tensorboard:  tensorboard --logdir {'runs' if Path(out).parts[0] == 'runs' else shlex.quote(out)}"
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+import shlex
 import signal
 import time
 from dataclasses import asdict, dataclass, fields, replace
@@ -30,8 +31,10 @@ from .data import StreamBatches, corpus_path, load_bytes, random_batch, split
 from .device import Precision, choose_precision, resolve_device
 from .errors import CharlmError
 from .evaluation import evaluate_loss, metrics, training_eval_lanes
+from .files import write_error
 from .model import CharLM
 from .report import Reporter
+from .rundir import RunLock, claim_run_dir, clear_run
 from .sampling import sample_text
 from .schedule import Clock, make_scheduler
 
@@ -125,8 +128,11 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(cfg.seed)  # random batching (every rank draws alike)
         self.sample_gen = torch.Generator(device=device)  # the samples written at evaluations
         self.h: Optional[torch.Tensor] = None  # this rank's lanes' hidden state, carried batch to batch
+        self.resumable = resume_state is not None  # whether out_dir has held a checkpoint of this run
         note = self.restore(resume_state) if resume_state else None
         self.net = torch.nn.parallel.DistributedDataParallel(self.model) if ddp.world > 1 else self.model
+        if cfg.overwrite and ddp.main and resume_state is None:
+            clear_run(out_dir)  # the run is set up: only now is the old one deleted
         self.report = Reporter(ddp.main, out_dir, cfg, resumed_at=self.progress.step if resume_state else None)
         self.report.say(f"precision: {self.precision.name} ({self.precision.why}) | "
                         f"{self.precision.parts(cfg.model.cell, device)}")
@@ -247,11 +253,30 @@ class Trainer:
         self.clock.evaluated(time.perf_counter() - t_eval)
 
     def save(self, *names: str) -> None:
-        """Write the whole training state (a collective under DDP: every rank must call it)."""
-        state = self.to_checkpoint()
+        """Write the whole training state (a collective under DDP: every rank must call it).
+
+        A failed write (a full disk, a read-only or vanished directory) stops the run on every rank
+        with one line that says what the checkpoints on disk still hold.
+        """
+        state, failure = self.to_checkpoint(), ""
         if self.ddp.main:
             for name in names:
-                ckpt.save_checkpoint(self.out_dir / name, state)
+                try:
+                    ckpt.save_checkpoint(self.out_dir / name, state)
+                    self.resumable = True
+                except OSError as e:
+                    failure = write_error(self.out_dir / name, e)
+                    break
+        (failed,) = self.ddp.from_main([float(bool(failure))])
+        if failed:
+            self.report.close()
+            raise CharlmError(failure and self._stopped_by_write(failure) or "rank 0 could not write a checkpoint")
+
+    def _stopped_by_write(self, failure: str) -> str:
+        again = ("resume with: python train.py " + shlex.quote(f"train.resume={self.out_dir}")
+                 if self.resumable else "run the same command again")
+        saved = ckpt.describe_saved(self.out_dir)
+        return f"{failure}, then {again} (training stopped at step {self.progress.step}; {saved})"
 
     def to_checkpoint(self) -> dict[str, Any]:
         """Everything a resume needs, as plain data (gathered from every rank; complete on rank 0)."""
@@ -290,8 +315,9 @@ class Trainer:
         """After a signal: the step in hand is finished; keep everything up to it."""
         self.save("last.pt")
         self.report.close()
+        resume = shlex.quote(f"train.resume={self.out_dir}")
         self.report.say(f"\nstopped by {signal.Signals(signum).name} at step {self.progress.step}; saved"
-                        f" {self.out_dir}/last.pt\nresume with:  python train.py train.resume={self.out_dir}")
+                        f" {self.out_dir}/last.pt\nresume with:  python train.py {resume}")
         distributed.leave_together(self.ddp)
         return {**self._summary(), "stopped_by": signum}
 
@@ -328,10 +354,28 @@ def train(cfg: Config, out_dir: Path, resume_state: Optional[dict[str, Any]] = N
     alone evaluates, prints and writes.
     """
     ddp, device = distributed.setup(cfg.train.batch_size, resolve_device(cfg.train.device, "train.device"))
+    lock = None
     try:
+        lock = _claim(ddp, out_dir, resuming=resume_state is not None, overwrite=cfg.overwrite)
         return Trainer(cfg, out_dir, ddp, device, resume_state, init_state).run()
     finally:
+        if lock is not None:
+            lock.release()
         distributed.teardown(ddp)
+
+
+def _claim(ddp: distributed.Dist, out_dir: Path, resuming: bool, overwrite: bool) -> Optional[RunLock]:
+    """Rank 0 locks out_dir for the whole run (charlm.rundir); every rank stops if it cannot."""
+    lock, refusal = None, ""
+    if ddp.main:
+        try:
+            lock = claim_run_dir(out_dir, resuming, overwrite)
+        except CharlmError as e:
+            refusal = str(e)
+    (refused,) = ddp.from_main([float(bool(refusal))])
+    if refused:
+        raise CharlmError(refusal or f"rank 0 could not claim out_dir={out_dir}")
+    return lock
 
 
 def _progress_keys() -> list[str]:

@@ -104,3 +104,19 @@ def test_page_renders_in_chromium(trained):
     subprocess.run([*browser, f"--screenshot={shot}", (trained / "odd.html").as_uri() + "?colour=z1"],
                    capture_output=True, timeout=120)
     assert shot.stat().st_size > 10_000
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium: apt-get install chromium")
+def test_markup_in_a_file_name_or_the_text_is_shown_not_parsed(trained):
+    odd = "run <i>x</i> & 'q'"
+    if not (trained / odd).exists():
+        shutil.copytree(trained / "run", trained / odd)
+    (trained / "markup.txt").write_text("a <b>bold</b> & <i>claim</i>\n" * 4)
+    run_cli("evaluate.py", f"checkpoint={odd}", "data=text", "data.path=markup.txt", "html=markup <b>.html",
+            cwd=trained)
+    browser = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+               f"--user-data-dir={trained / 'profile'}", "--dump-dom", (trained / "markup <b>.html").as_uri()]
+    dom = subprocess.run(browser, capture_output=True, text=True, timeout=120).stdout
+    summary = re.search(r'<p class="meta" id="summary">(.*?)</p>', dom, re.S).group(1)
+    assert "run &lt;i&gt;x&lt;/i&gt; &amp; 'q'" in summary and "<i>" not in summary
+    assert "<b>bold</b>" not in dom  # the text's own markup is shown byte by byte, never parsed
