@@ -45,30 +45,49 @@ class Reporter:
             print(message, flush=True)
 
     def start(self, step: int, total: Optional[int]) -> None:
-        """The progress bar, from `step` of `total` (None: a time budget, estimated as it goes)."""
+        """The progress bar, from `step` of `total` (None: a time budget, estimated as it goes).
+
+        Outside a terminal (a log file, nohup, a cluster's job log) there is no bar, whose carriage
+        returns would make the log one enormous line: log() prints a plain line instead.
+        """
+        self.plain = not sys.stdout.isatty()
         self.bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True,
-                        file=sys.stdout, disable=not self.active)
-        self.t_log = time.perf_counter()
+                        file=sys.stdout, disable=not self.active or self.plain)
+        self.step, self.total, self.first_step = step, total, step
+        self.t_log = self.t_start = time.perf_counter()
 
     def stepped(self, tokens: int, total: Optional[int] = None) -> None:
         """One step done (tokens over all ranks); total re-estimates the bar's end."""
         self.tokens += tokens
+        self.step += 1
         if total is not None:
-            self.bar.total = total
+            self.bar.total = self.total = total
         self.bar.update(1)
 
     def log(self, step: int, train_loss: float, lr: float, grad_norm: float, skipped: int) -> None:
-        """The train/* scalars and the bar's figures, every train.log_every steps."""
+        """The train/* scalars and the bar's figures (or a plain line), every train.log_every steps."""
         tok_s = self.tokens / (time.perf_counter() - self.t_log)
         if self.active:
             scalars = {"loss": train_loss, "bpb": train_loss / math.log(2), "lr": lr, "grad_norm": grad_norm,
                        "tokens_per_sec": tok_s, **({"skipped_steps": skipped} if skipped else {})}
             self.events(lambda: [self.writer.add_scalar(f"train/{tag}", v, step) for tag, v in scalars.items()])
+            if self.plain:
+                self.say(f"step {step}/{self.total or '?'} | loss {train_loss:.4f} | {tok_s:,.0f} tok/s | lr {lr:.2e}"
+                         f" | ETA {self._eta()}")
             postfix = {"loss": f"{train_loss:.3f}", "tok/s": f"{tok_s:,.0f}"}
             if self.last_val is not None:
                 postfix["val"] = f"{self.last_val:.3f}"
             self.bar.set_postfix(postfix, refresh=False)
         self.tokens, self.t_log = 0, time.perf_counter()
+
+    def _eta(self) -> str:
+        """The time left at this run's pace so far, as 1h02m or 3m20s."""
+        done, elapsed = self.step - self.first_step, time.perf_counter() - self.t_start
+        if not done or not self.total:
+            return "?"
+        seconds = int(elapsed / done * max(self.total - self.step, 0))
+        hours, rest = divmod(seconds, 3600)
+        return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
     def evaluation(self, step: int, m: dict[str, float], best: float, sample: str, improved: bool) -> None:
         """The val/* scalars, the sample, and the line under the bar."""

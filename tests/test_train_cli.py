@@ -28,6 +28,15 @@ def trained(tmp_path_factory):
     return tmp, tmp / "runs" / "tiny", proc
 
 
+def test_outside_a_terminal_the_log_is_plain_lines(trained):
+    """Redirected to a file (the fixture's pipe), no bar: one line per train.log_every steps."""
+    _, _, proc = trained
+    assert "\r" not in proc.stdout
+    lines = re.findall(r"^step (\d+)/60 \| loss [0-9.]+ \| [0-9,]+ tok/s \| lr [0-9.e+-]+ \| ETA \d+m\d\ds$",
+                       proc.stdout, re.M)
+    assert [int(n) for n in lines] == list(range(5, 61, 5))  # TINY logs every 5 steps
+
+
 def test_run_writes_config_checkpoints_and_events(trained):
     tmp, run, proc = trained
     for name in ("config.yaml", "last.pt", "best.pt"):
