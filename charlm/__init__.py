@@ -3,8 +3,9 @@ from importlib import import_module
 
 # Loaded on first use, so that `import charlm.config` (and a mistyped setting) costs no torch import.
 _EXPORTS = {
-    "CharLM": "model", "ModelConfig": "config", "load_model": "checkpoint",
-    "generate": "sampling", "sample_text": "sampling", "encode": "tokenizer", "decode": "tokenizer",
+    "CharLM": "model.network", "ModelConfig": "config", "load_model": "checkpoint",
+    "generate": "inference.sampling", "sample_text": "inference.sampling", "encode": "data.tokenizer",
+    "decode": "data.tokenizer",
 }
 __all__ = list(_EXPORTS)
 

@@ -22,12 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import BenchConfig, ModelConfig, TrainConfig
-from .device import choose_precision, resolve_device
-from .errors import CharlmError
-from .model import CharLM
-from .sampling import generate
-from .train import make_optimizer, train_step
+from charlm.config import BenchConfig, ModelConfig, TrainConfig
+from charlm.device import choose_precision, resolve_device
+from charlm.errors import CharlmError
+from charlm.inference.sampling import generate
+from charlm.model.network import CharLM
+from charlm.training.loop import make_optimizer, train_step
 
 
 class PlainGRU(nn.Module):
@@ -151,7 +151,7 @@ def bench_sampling(args: BenchConfig, device: torch.device) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    from .cli import parse_settings
+    from charlm.cli import parse_settings
 
     try:
         args = parse_settings(BenchConfig, argv, __doc__)

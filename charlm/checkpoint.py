@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 
-from .errors import CharlmError
-from .files import atomic_write
-from .model import CharLM, ModelConfig
+from charlm.errors import CharlmError
+from charlm.files import atomic_write
+from charlm.model.network import CharLM, ModelConfig
 
 FORMAT = "charlm-checkpoint"
 VERSION = 1

@@ -9,8 +9,8 @@ import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Optional
 
-from .corpora import CORPORA
-from .errors import CharlmError
+from charlm.data.corpora import CORPORA
+from charlm.errors import CharlmError
 
 # This module imports neither torch nor hydra, so a mistyped setting fails in a fraction of a
 # second; each dataclass below is the schema of one command or config group.
@@ -44,7 +44,7 @@ def path_keys(schema: type, prefix: str = "") -> tuple[str, ...]:
 class DataConfig:
     """Which text to train on and how to split it (fractions by position)."""
 
-    name: str = setting("timemachine", "the corpus: set by `data=`; a key of `charlm/corpora.py`, or `text`")
+    name: str = setting("timemachine", "the corpus: set by `data=`; a key of `charlm/data/corpora.py`, or `text`")
     path: Optional[str] = setting(None, "the file to read with `data=text`", shown="none", path=True)
     cache_dir: str = setting("data", "where named corpora are downloaded to", path=True)
     train_frac: float = setting(0.9, "the first part of the text, for training")

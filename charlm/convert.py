@@ -22,10 +22,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import model_state, save_checkpoint
-from .config import ConvertConfig, ModelConfig
-from .errors import CharlmError
-from .model import CharLM
+from charlm.checkpoint import model_state, save_checkpoint
+from charlm.config import ConvertConfig, ModelConfig
+from charlm.errors import CharlmError
+from charlm.model.network import CharLM
 
 NOT_EQUIVALENT = (
     "reset-before and reset-after GRUs compute different functions (the reset gate multiplies h"
@@ -159,8 +159,8 @@ def read_keras(path: Path) -> list[np.ndarray]:
 
 def main(argv: list[str]) -> None:
     """`python -m charlm.convert format=keras|trax weights=FILE out=FILE.pt [reset_after=...]`"""
-    from .cli import parse_settings
-    from .errors import fail
+    from charlm.cli import parse_settings
+    from charlm.errors import fail
 
     try:
         cfg = parse_settings(ConvertConfig, argv, __doc__)

@@ -21,7 +21,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .errors import CharlmError
+from charlm.errors import CharlmError
 
 
 def resolve_device(name: str, key: str = "device") -> torch.device:

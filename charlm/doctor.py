@@ -25,13 +25,13 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .checkpoint import load_checkpoint, model_from_state
-from .config import Config, DataConfig, DoctorConfig, ModelConfig, TrainConfig
-from .device import choose_precision, matmul_micros
-from .evaluation import evaluate_loss
-from .model import CharLM
-from .sampling import sample_text
-from .train import train
+from charlm.checkpoint import load_checkpoint, model_from_state
+from charlm.config import Config, DataConfig, DoctorConfig, ModelConfig, TrainConfig
+from charlm.device import choose_precision, matmul_micros
+from charlm.inference.sampling import sample_text
+from charlm.inference.scoring import evaluate_loss
+from charlm.model.network import CharLM
+from charlm.training.loop import train
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = "".join(f"the {w} traveller came back at {n} o'clock; café déjà vu.\n"
@@ -111,8 +111,8 @@ def _row(label: str, fn: Callable[[], str]) -> tuple[bool, str]:
 
 
 def main(argv: list[str]) -> int:
-    from .cli import parse_settings
-    from .errors import CharlmError
+    from charlm.cli import parse_settings
+    from charlm.errors import CharlmError
 
     try:
         if parse_settings(DoctorConfig, argv, __doc__) is None:

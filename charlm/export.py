@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import ExportConfig
-from .model import CharLM
+from charlm.config import ExportConfig
+from charlm.model.network import CharLM
 
 
 class DecodeStep(nn.Module):
@@ -74,8 +74,8 @@ def _export(step: DecodeStep, byte: torch.Tensor, hidden: torch.Tensor, out: Pat
 
 def main(argv: list[str]) -> None:
     """`python -m charlm.export checkpoint=... [format=onnx|keras] [out=...]`"""
-    from .cli import parse_settings
-    from .errors import CharlmError, fail
+    from charlm.cli import parse_settings
+    from charlm.errors import CharlmError, fail
 
     try:
         cfg = parse_settings(ExportConfig, argv, __doc__)
@@ -88,9 +88,9 @@ def main(argv: list[str]) -> None:
 def _export_command(cfg: ExportConfig) -> None:
     import numpy as np
 
-    from .checkpoint import load_checkpoint, locate_checkpoint, model_from_state
-    from .convert import to_keras
-    from .errors import CharlmError
+    from charlm.checkpoint import load_checkpoint, locate_checkpoint, model_from_state
+    from charlm.convert import to_keras
+    from charlm.errors import CharlmError
 
     path = locate_checkpoint(cfg.checkpoint)
     state = load_checkpoint(path)

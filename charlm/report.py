@@ -13,10 +13,10 @@ from typing import Any, Callable, Optional
 
 from tqdm import tqdm
 
-from .config import Config
-from .errors import CharlmError
-from .evaluation import metrics
-from .files import atomic_write, write_error
+from charlm.config import Config
+from charlm.errors import CharlmError
+from charlm.files import atomic_write, write_error
+from charlm.inference.scoring import metrics
 
 
 class Reporter:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from charlm import load_model
-from charlm.sampling import sample_text
+from charlm.inference.sampling import sample_text
 from conftest import TINY, run_cli
 
 
@@ -82,7 +82,7 @@ def test_unreadable_file(work):
 
 def test_unreadable_file_message(work, monkeypatch):
     """The same check where root can read everything: the permission test is made to say no."""
-    import charlm.data as data
+    import charlm.data.text as data
     from charlm.config import DataConfig
     from charlm.errors import CharlmError
 

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 import charlm.cli  # noqa: F401  (registers the schemas the configs name)
 from charlm.config import Config, EvaluateConfig, ModelConfig, SampleConfig, TrainConfig
-from charlm.corpora import CORPORA
+from charlm.data.corpora import CORPORA
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 NEEDS = {"text": ["data.path=notes.txt"]}  # what a choice cannot run without
@@ -48,7 +48,7 @@ def test_corpus_recipes_restate_no_default():
     recipes = sorted((CONFIGS / "recipe").glob("*.yaml"))
     assert recipes, "no recipes found"
     for path in recipes:
-        assert path.stem in CORPORA, f"configs/recipe/{path.name} names no corpus of charlm/corpora.py"
+        assert path.stem in CORPORA, f"configs/recipe/{path.name} names no corpus of charlm/data/corpora.py"
         sections = yaml.safe_load(path.read_text()) or {}
         assert set(sections) <= {"model", "train"}, f"{path.name}: a recipe sets model.* and train.* only"
         for group, keys in sections.items():

@@ -9,7 +9,7 @@ import torch
 
 from charlm.checkpoint import load_model, model_from_state
 from charlm.convert import from_keras, from_trax, to_keras
-from charlm.reference import gru_step
+from charlm.model.reference import gru_step
 from conftest import ROOT, run_cli
 
 

@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from charlm import data as data_mod
-from charlm.corpora import CORPORA, Corpus
-from charlm.data import StreamBatches, ensure_corpus, random_batch, split
+from charlm.data import text as data_mod
+from charlm.data.batches import StreamBatches, random_batch, split
+from charlm.data.corpora import CORPORA, Corpus
+from charlm.data.text import ensure_corpus
+from charlm.data.tokenizer import START_BYTE
 from charlm.errors import CharlmError
-from charlm.tokenizer import START_BYTE
 
 
 def test_split_by_position_covers_text_in_order():
@@ -126,7 +127,7 @@ def test_seeded_reference_corpus_verifies(timemachine_cache):
 
 def test_timemachine_ships_with_the_package_and_needs_no_network(tmp_path, monkeypatch):
     """A first run with an empty cache and no network: the packaged copy, checked by its hash."""
-    from charlm.corpora import PACKAGED
+    from charlm.data.corpora import PACKAGED
 
     def no_network(*args, **kwargs):
         raise AssertionError("the packaged corpus must not be downloaded")

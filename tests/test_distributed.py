@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from charlm import CharLM, ModelConfig
 from charlm.checkpoint import load_checkpoint
-from charlm.distributed import Dist, dropout_seed
+from charlm.training.distributed import Dist, dropout_seed
 from conftest import ROOT, TINY, run_cli
 
 ARGS = (*TINY, "model.dropout=0", "train.batch_size=8", "train.max_steps=12", "train.eval_every=6")

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from charlm import load_model
-from charlm.tokenizer import START_BYTE
+from charlm.data.tokenizer import START_BYTE
 from conftest import TINY, run_cli
 
 

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from test_reference import numpy_params, random_model
 
-from charlm.explain import explain_steps, format_step
-from charlm.reference import gru_layer, gru_step
-from charlm.sampling import sample_text
-from charlm.tokenizer import START_BYTE
+from charlm.data.tokenizer import START_BYTE
+from charlm.inference.explain import explain_steps, format_step
+from charlm.inference.sampling import sample_text
+from charlm.model.reference import gru_layer, gru_step
 from conftest import TINY, run_cli
 
 

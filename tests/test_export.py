@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from charlm import CharLM, ModelConfig
-from charlm.tokenizer import START_BYTE
+from charlm.data.tokenizer import START_BYTE
 from conftest import TINY, run_cli
 
 ort = pytest.importorskip("onnxruntime")

@@ -15,7 +15,7 @@ import pytest
 from charlm.checkpoint import load_checkpoint
 from charlm.errors import CharlmError
 from charlm.files import atomic_write
-from charlm.rundir import LOCK_NAME, RunLock
+from charlm.training.rundir import LOCK_NAME, RunLock
 from conftest import ROOT, TINY, run_cli, small_text
 
 ARGS = ("data=text", "data.path=notes.txt", *TINY)
@@ -225,7 +225,7 @@ def test_tensorboard_alone_failing_warns_once_and_training_goes_on(work, monkeyp
 
     monkeypatch.setattr(report, "_open_writer", lambda out_dir, resumed_at: FailingWriter(str(out_dir)))
     from charlm.config import Config, DataConfig, ModelConfig, TrainConfig
-    from charlm.train import train
+    from charlm.training.loop import train
 
     cfg = Config(data=DataConfig(name="text", path=str(work / "notes.txt")), model=ModelConfig(d_model=16, n_layers=1),
                  train=TrainConfig(batch_size=4, seq_len=16, max_steps=6, eval_every=3, log_every=2,

@@ -10,12 +10,12 @@ import torch
 from charlm.checkpoint import load_checkpoint, model_from_state
 from charlm.config import Config, DataConfig, ModelConfig, TrainConfig
 from charlm.device import Precision, choose_precision
-from charlm.evaluation import evaluate_loss
-from charlm.explain import explain_steps
 from charlm.export import export_onnx
-from charlm.model import CharLM
-from charlm.sampling import sample_text
-from charlm.train import train
+from charlm.inference.explain import explain_steps
+from charlm.inference.sampling import sample_text
+from charlm.inference.scoring import evaluate_loss
+from charlm.model.network import CharLM
+from charlm.training.loop import train
 
 CELLS = ["reset_after", "reset_before"]
 

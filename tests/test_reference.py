@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from charlm import CharLM, ModelConfig
-from charlm.gru import layer_weights, step_with_gates
-from charlm.reference import flip_update_gate, gru_layer, gru_step, language_model
+from charlm.model.gru import layer_weights, step_with_gates
+from charlm.model.reference import flip_update_gate, gru_layer, gru_step, language_model
 
 
 def random_model(cell: str, d: int = 12, layers: int = 2) -> CharLM:

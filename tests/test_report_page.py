@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from charlm.checkpoint import load_checkpoint
-from charlm.reference import gru_step, language_model
+from charlm.model.reference import gru_step, language_model
 from conftest import TINY, run_cli, small_text
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -8,7 +8,7 @@ import torch
 from test_robustness import scalars, start_training, wait_for
 
 from charlm.checkpoint import load_checkpoint
-from charlm.schedule import lr_factor
+from charlm.training.schedule import lr_factor
 from conftest import TINY, run_cli
 
 RUN = ("data=text", "data.path=notes.txt", *TINY, "model.n_layers=2", "out_dir=run")

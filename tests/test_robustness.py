@@ -122,11 +122,11 @@ save_checkpoint(path, {{"step": 2, "x": torch.zeros(1000)}})
 
 
 def _train_in_process(tmp_path, text_file, nan_at, **train_overrides):
-    """Run charlm.train.train directly, with the loss replaced by NaN at step nan_at."""
-    import charlm.train as tr
+    """Run charlm.training.loop.train directly, with the loss replaced by NaN at step nan_at."""
+    import charlm.training.loop as tr
     from charlm.config import Config
-    from charlm.data import DataConfig
-    from charlm.model import ModelConfig
+    from charlm.data.batches import DataConfig
+    from charlm.model.network import ModelConfig
 
     cfg = Config(
         data=DataConfig(name="text", path=str(text_file)),
@@ -149,7 +149,7 @@ def _train_in_process(tmp_path, text_file, nan_at, **train_overrides):
 
 
 def test_nan_loss_stops_with_message_and_keeps_checkpoints(tmp_path, text_file, monkeypatch):
-    import charlm.train as tr
+    import charlm.training.loop as tr
     from charlm.errors import CharlmError
 
     cfg, nll = _train_in_process(tmp_path, text_file, nan_at=7)
@@ -164,7 +164,7 @@ def test_nan_loss_stops_with_message_and_keeps_checkpoints(tmp_path, text_file, 
 
 
 def test_nan_loss_can_be_skipped_and_counted(tmp_path, text_file, monkeypatch):
-    import charlm.train as tr
+    import charlm.training.loop as tr
 
     cfg, nll = _train_in_process(tmp_path, text_file, nan_at=7, on_nonfinite="skip")
     monkeypatch.setattr(tr.F, "nll_loss", nll)

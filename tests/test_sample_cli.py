@@ -2,7 +2,7 @@
 import pytest
 
 from charlm import load_model
-from charlm.sampling import sample_text
+from charlm.inference.sampling import sample_text
 from conftest import TINY, run_cli, small_text
 
 

@@ -9,10 +9,10 @@ import torch.nn.functional as F
 
 from charlm import CharLM, ModelConfig
 from charlm.checkpoint import load_checkpoint
-from charlm.evaluation import evaluate_loss
-from charlm.fused_gru import can_fuse, fused_gru
-from charlm.sampling import ByteStepper
-from charlm.schedule import budget_lr_factor
+from charlm.inference.sampling import ByteStepper
+from charlm.inference.scoring import evaluate_loss
+from charlm.model.fused_gru import can_fuse, fused_gru
+from charlm.training.schedule import budget_lr_factor
 from conftest import TINY, run_cli
 
 

@@ -1,6 +1,6 @@
 import pytest
 
-from charlm.tokenizer import StreamDecoder, decode, encode
+from charlm.data.tokenizer import StreamDecoder, decode, encode
 
 TEXTS = ["hello, world", "café déjà vu", "时间机器", "emoji 🙂🚀 end", "", "\x00\n\t"]
 

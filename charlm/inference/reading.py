@@ -2,12 +2,12 @@
 layer's gates and hidden units; and the units that follow simple features of the text.
 
 `read_text` computes the numbers (evaluate.py html=FILE writes them as a page with
-charlm/report_page.html). The model reads the text as evaluate.py does: one stream from the
+charlm/inference/reading_page.html). The model reads the text as evaluate.py does: one stream from the
 start byte and a zero state. For byte t:
 
 - surprisal and top 5 are the prediction of byte t, made from everything before it;
 - gates and units are the step that reads byte t (its input is byte t), computed layer by layer
-  with charlm.gru.step_with_gates, the same maths as the model's own GRU.
+  with charlm.model.gru.step_with_gates, the same maths as the model's own GRU.
 """
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .gru import layer_weights, step_with_gates
-from .model import CharLM
-from .tokenizer import START_BYTE
+from charlm.data.tokenizer import START_BYTE
+from charlm.model.gru import layer_weights, step_with_gates
+from charlm.model.network import CharLM
 
 FEATURES = {
     "inside quotes": "between an opening and a closing quotation mark (\", “ ”, or ' not between letters)",
@@ -136,7 +136,7 @@ def correlated_units(units: np.ndarray, features: dict[str, np.ndarray], top: in
 
 
 def write_page(path: str | Path, data: bytes, numbers: dict[str, Any], about: dict[str, Any]) -> Path:
-    """The self-contained page (charlm/report_page.html, no network) for read_text's numbers.
+    """The self-contained page (charlm/inference/reading_page.html, no network) for read_text's numbers.
 
     about: title, source, checkpoint, cell, total (bytes in the whole scored text) and bpb_all
     (evaluate.py's figure for all of them).
@@ -158,7 +158,7 @@ def write_page(path: str | Path, data: bytes, numbers: dict[str, Any], about: di
         "correlated": correlated_units(units, text_features(data)),
     }
     blob = json.dumps(payload, ensure_ascii=True, allow_nan=False).replace("</", "<\\/")
-    template = (resources.files("charlm") / "report_page.html").read_text(encoding="utf-8")
+    template = (resources.files("charlm.inference") / "reading_page.html").read_text(encoding="utf-8")
     page = template.replace("{{TITLE}}", html.escape(about["title"])).replace("{{DATA}}", blob)
     path = Path(path)
     path.write_text(page, encoding="utf-8")

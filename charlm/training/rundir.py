@@ -8,7 +8,7 @@
                                                   the new one writes its first file
 
 Readers (sample.py, evaluate.py, a second look at the checkpoints) never take the lock: they are
-never blocked. Under torchrun rank 0 takes it for all ranks (charlm.train.train).
+never blocked. Under torchrun rank 0 takes it for all ranks (charlm.training.loop.train).
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .errors import CharlmError
-from .files import TMP_SUFFIX
+from charlm.errors import CharlmError
+from charlm.files import TMP_SUFFIX
 
 LOCK_NAME = ".charlm.lock"
 RUN_FILES = ("best.pt", "last.pt", "config.yaml")  # besides TensorBoard's events.out.tfevents.*

@@ -9,7 +9,7 @@ from functools import partial
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from .config import TrainConfig
+from charlm.config import TrainConfig
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:

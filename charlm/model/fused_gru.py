@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .gru import layer_weights
+from charlm.model.gru import layer_weights
 
 
 class GRULayer(torch.autograd.Function):

@@ -5,9 +5,9 @@ from typing import Iterator, Optional
 
 import torch
 
-from .gru import layer_weights
-from .model import CharLM
-from .tokenizer import START_BYTE, StreamDecoder, decode
+from charlm.data.tokenizer import START_BYTE, StreamDecoder, decode
+from charlm.model.gru import layer_weights
+from charlm.model.network import CharLM
 
 
 def next_byte(

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .model import CharLM
-from .tokenizer import START_BYTE
+from charlm.data.tokenizer import START_BYTE
+from charlm.model.network import CharLM
 
 EVAL_LANES_MAX = 64
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .errors import CharlmError
+from charlm.errors import CharlmError
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
     train(cfg, out_dir)                 set up the processes, build a Trainer, run it
       load_splits                       the text, cut by position (train | val | test)
-      Trainer                           model, optimizer, schedule (charlm.schedule), precision, Progress
+      Trainer                           model, optimizer, schedule (charlm.training.schedule), precision, Progress
         run                             the loop: next_batch -> train_step -> apply -> log
                                         -> evaluate_and_save, until the steps or the time run out
         to_checkpoint / restore         every checkpoint key, packed and unpacked in one place
@@ -24,19 +24,20 @@ import torch
 import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
 
-from . import checkpoint as ckpt
-from . import distributed
-from .config import Config, TrainConfig
-from .data import StreamBatches, corpus_path, load_bytes, random_batch, split
-from .device import Precision, choose_precision, resolve_device
-from .errors import CharlmError
-from .evaluation import evaluate_loss, metrics, training_eval_lanes
-from .files import write_error
-from .model import CharLM
-from .report import Reporter
-from .rundir import RunLock, claim_run_dir, clear_run
-from .sampling import sample_text
-from .schedule import Clock, make_scheduler
+from charlm import checkpoint as ckpt
+from charlm.config import Config, TrainConfig
+from charlm.data.batches import StreamBatches, random_batch, split
+from charlm.data.text import corpus_path, load_bytes
+from charlm.device import Precision, choose_precision, resolve_device
+from charlm.errors import CharlmError
+from charlm.files import write_error
+from charlm.inference.sampling import sample_text
+from charlm.inference.scoring import evaluate_loss, metrics, training_eval_lanes
+from charlm.model.network import CharLM
+from charlm.report import Reporter
+from charlm.training import distributed
+from charlm.training.rundir import RunLock, claim_run_dir, clear_run
+from charlm.training.schedule import Clock, make_scheduler
 
 EVAL_SEQ_LEN = 256  # bytes per window when the trainer scores the validation split
 SAMPLE_TEMPERATURE = 0.8  # of the sample written at each evaluation
@@ -350,7 +351,7 @@ def train(cfg: Config, out_dir: Path, resume_state: Optional[dict[str, Any]] = N
     (with "stopped_by", the signal number, when a signal ended it early). resume_state continues
     a run exactly; init_state (a checkpoint of cfg.model's size) gives a new run its first weights.
 
-    Under torchrun each process trains its share of the lanes (see charlm.distributed); rank 0
+    Under torchrun each process trains its share of the lanes (see charlm.training.distributed); rank 0
     alone evaluates, prints and writes.
     """
     ddp, device = distributed.setup(cfg.train.batch_size, resolve_device(cfg.train.device, "train.device"))
@@ -365,7 +366,7 @@ def train(cfg: Config, out_dir: Path, resume_state: Optional[dict[str, Any]] = N
 
 
 def _claim(ddp: distributed.Dist, out_dir: Path, resuming: bool, overwrite: bool) -> Optional[RunLock]:
-    """Rank 0 locks out_dir for the whole run (charlm.rundir); every rank stops if it cannot."""
+    """Rank 0 locks out_dir for the whole run (charlm.training.rundir); every rank stops if it cannot."""
     lock, refusal = None, ""
     if ddp.main:
         try:

@@ -1,17 +1,17 @@
 """The byte-level GRU language model: Embedding -> GRU x n_layers -> Linear -> LogSoftmax.
 
 The GRU is nn.GRU (reset gate after the recurrent matmul, cuDNN on CUDA; on CPU in float32 its
-layers run through charlm.fused_gru for training, which computes the same thing faster) or, with
-model.cell=reset_before, charlm.gru.ResetBeforeGRU (the Trax/d2l cell).
+layers run through charlm.model.fused_gru for training, which computes the same thing faster) or, with
+model.cell=reset_before, charlm.model.gru.ResetBeforeGRU (the Trax/d2l cell).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .config import ModelConfig
-from .fused_gru import can_fuse, fused_gru
-from .gru import ResetBeforeGRU
+from charlm.config import ModelConfig
+from charlm.model.fused_gru import can_fuse, fused_gru
+from charlm.model.gru import ResetBeforeGRU
 
 VOCAB_SIZE = 256  # every UTF-8 byte; no vocabulary file, no unknown token
 

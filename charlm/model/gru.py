@@ -2,7 +2,7 @@
 
 Both use nn.GRU's parameter names and layout (weight_ih_l{k} (3U, in), weight_hh_l{k} (3U, U),
 bias_ih_l{k}, bias_hh_l{k}; gate blocks r, z, n), so checkpoints of either cell look alike and
-charlm.reference checks both. The equations are in charlm/reference.py.
+charlm.model.reference checks both. The equations are in charlm/model/reference.py.
 """
 from __future__ import annotations
 

@@ -1,0 +1,1 @@
+"""Training: the loop, its schedule, processes (torchrun), and the run directory it owns."""
