@@ -9,20 +9,10 @@ the shell passes them.
 """
 import sys
 
-import hydra
-from omegaconf import DictConfig
-
-from charlm.cli import check_overrides, pop_raw_args, run_train
+from charlm.commands import train as command
+from charlm.commands.settings import pop_raw_args
 from charlm.config import Config, path_keys
 
-RAW = pop_raw_args(sys.argv, path_keys(Config))  # file names: kept away from Hydra's parser
-
-
-@hydra.main(version_base="1.3", config_path="configs", config_name="train")
-def main(cfg: DictConfig) -> None:
-    run_train(cfg, RAW)
-
-
 if __name__ == "__main__":
-    check_overrides("train", sys.argv, __doc__)  # a typo'd or mistyped override: one clear line
-    main()
+    raw = pop_raw_args(sys.argv, path_keys(Config))  # file names, as the shell passed them
+    command.main(sys.argv, __doc__, raw)

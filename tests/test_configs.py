@@ -8,11 +8,12 @@ import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-import charlm.cli  # noqa: F401  (registers the schemas the configs name)
+from charlm.commands.settings import register_schemas
 from charlm.config import Config, EvaluateConfig, ModelConfig, SampleConfig, TrainConfig
 from charlm.data.corpora import CORPORA
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+register_schemas()  # the schemas the configs name (train_schema, ...)
 NEEDS = {"text": ["data.path=notes.txt"]}  # what a choice cannot run without
 
 

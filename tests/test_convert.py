@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from charlm.checkpoint import load_model, model_from_state
-from charlm.convert import from_keras, from_trax, to_keras
+from charlm.interop.convert import from_keras, from_trax, to_keras
 from charlm.model.reference import gru_step
 from conftest import ROOT, run_cli
 
@@ -154,7 +154,7 @@ try:
 except ImportError:
     print("NO_KERAS"); sys.exit(0)
 sys.path.insert(0, {str(ROOT)!r})
-from charlm.convert import from_keras, read_keras
+from charlm.interop.convert import from_keras, read_keras
 from charlm.checkpoint import model_from_state
 import torch
 tokens = np.random.default_rng(0).integers(0, 256, (2, 40))

@@ -12,7 +12,7 @@ pytest.importorskip("onnx")
 
 
 def test_onnx_matches_pytorch_over_100_steps(tmp_path):
-    from charlm.export import export_onnx
+    from charlm.interop.onnx import export_onnx
 
     torch.manual_seed(0)
     model = CharLM(ModelConfig(d_model=48, n_layers=2, dropout=0.2)).eval()  # trained with dropout

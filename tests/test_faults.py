@@ -217,7 +217,7 @@ def test_tensorboard_alone_failing_warns_once_and_training_goes_on(work, monkeyp
     """A writer that fails (as TensorBoard's does on a full disk) costs the curves, not the run."""
     from torch.utils.tensorboard import SummaryWriter
 
-    from charlm import report
+    from charlm.commands import train_report as report
 
     class FailingWriter(SummaryWriter):
         def add_scalar(self, *args, **kwargs):
@@ -231,8 +231,8 @@ def test_tensorboard_alone_failing_warns_once_and_training_goes_on(work, monkeyp
                  train=TrainConfig(batch_size=4, seq_len=16, max_steps=6, eval_every=3, log_every=2,
                                    precision="fp32", warmup_steps=1, sample_length=5), out_dir=str(work / "run"))
     lines = []
-    monkeypatch.setattr(report.Reporter, "say", lambda self, message: lines.append(message))
-    summary = train(cfg, work / "run")
+    monkeypatch.setattr(report.TrainReport, "say", lambda self, message: lines.append(message))
+    summary = train(cfg, work / "run", report=report.TrainReport())
     assert summary["steps"] == 6 and steps_held(work / "run") == {"last.pt": 6, "best.pt": 6}
     warnings = [line for line in lines if line.startswith("warning:")]
     assert len(warnings) == 1 and "No space left on device" in warnings[0] and "checkpoints go on" in warnings[0]
@@ -270,8 +270,8 @@ def test_any_file_name_works_on_every_command(work):
 
 def test_any_file_name_works_for_the_module_tools(work, monkeypatch):
     """python -m charlm.export / convert read checkpoint=, out= and weights= as typed, not as YAML."""
-    from charlm.convert import main as convert_main
-    from charlm.export import main as export_main
+    from charlm.commands.convert import main as convert_main
+    from charlm.commands.export import main as export_main
 
     run_cli("train.py", *ARGS, "train.max_steps=3", f"out_dir={ODD}", cwd=work)
     monkeypatch.chdir(work)

@@ -9,7 +9,7 @@ import yaml
 from test_convert import random_keras_weights
 
 from charlm.checkpoint import load_checkpoint, save_checkpoint
-from charlm.convert import from_keras
+from charlm.interop.convert import from_keras
 from conftest import TINY, run_cli, small_text
 
 QUICK = (*TINY, "train.warmup_steps=2", "train.eval_bytes=0")

@@ -10,10 +10,10 @@ import torch
 from charlm.checkpoint import load_checkpoint, model_from_state
 from charlm.config import Config, DataConfig, ModelConfig, TrainConfig
 from charlm.device import Precision, choose_precision
-from charlm.export import export_onnx
 from charlm.inference.explain import explain_steps
 from charlm.inference.sampling import sample_text
 from charlm.inference.scoring import evaluate_loss
+from charlm.interop.onnx import export_onnx
 from charlm.model.network import CharLM
 from charlm.training.loop import train
 

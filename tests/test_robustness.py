@@ -124,9 +124,7 @@ save_checkpoint(path, {{"step": 2, "x": torch.zeros(1000)}})
 def _train_in_process(tmp_path, text_file, nan_at, **train_overrides):
     """Run charlm.training.loop.train directly, with the loss replaced by NaN at step nan_at."""
     import charlm.training.loop as tr
-    from charlm.config import Config
-    from charlm.data.batches import DataConfig
-    from charlm.model.network import ModelConfig
+    from charlm.config import Config, DataConfig, ModelConfig
 
     cfg = Config(
         data=DataConfig(name="text", path=str(text_file)),

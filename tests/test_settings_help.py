@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from test_configs import composed
 
-from charlm.cli import settings_help, show_value
+from charlm.commands.settings import settings_help, show_value
 from charlm.config import Config, EvaluateConfig, SampleConfig
 from conftest import run_cli
 

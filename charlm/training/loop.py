@@ -6,11 +6,10 @@
         run                             the loop: next_batch -> train_step -> apply -> log
                                         -> evaluate_and_save, until the steps or the time run out
         to_checkpoint / restore         every checkpoint key, packed and unpacked in one place
-      Reporter (charlm.report)          rank 0's bar, TensorBoard, header and summary
+      report                            handed in (charlm.training.report.Report): what the run says
 """
 from __future__ import annotations
 
-import functools
 import math
 import shlex
 import signal
@@ -34,9 +33,9 @@ from charlm.files import write_error
 from charlm.inference.sampling import sample_text
 from charlm.inference.scoring import evaluate_loss, metrics, training_eval_lanes
 from charlm.model.network import CharLM
-from charlm.report import Reporter
 from charlm.training import distributed
-from charlm.training.rundir import RunLock, claim_run_dir, clear_run
+from charlm.training.report import Report
+from charlm.training.rundir import RunLock, claim_run_dir, clear_run, write_run_config
 from charlm.training.schedule import Clock, make_scheduler
 
 EVAL_SEQ_LEN = 256  # bytes per window when the trainer scores the validation split
@@ -103,12 +102,12 @@ def train_step(
 class Trainer:
     """One run: its model, optimizer, schedule, precision, batches and counters (see run())."""
 
-    def __init__(self, cfg: Config, out_dir: Path, ddp: distributed.Dist, device: torch.device,
+    def __init__(self, cfg: Config, out_dir: Path, ddp: distributed.Dist, device: torch.device, report: Report,
                  resume_state: Optional[dict[str, Any]] = None, init_state: Optional[dict[str, Any]] = None) -> None:
         tc = self.tc = cfg.train
-        self.cfg, self.out_dir, self.ddp, self.device = cfg, out_dir, ddp, device
-        say = functools.partial(print, flush=True) if ddp.main else None  # until the Reporter exists
-        if tc.device == "auto" and say:
+        self.cfg, self.out_dir, self.ddp, self.device, self.report = cfg, out_dir, ddp, device, report
+        say = report.say
+        if tc.device == "auto":
             say(f"device: {device} (train.device=auto{'' if device.type == 'cuda' else ', no CUDA GPU found'})")
         torch.manual_seed(cfg.seed)
         self.train_data, self.val_data, val_total = load_splits(cfg, say)
@@ -132,9 +131,11 @@ class Trainer:
         self.resumable = resume_state is not None  # whether out_dir has held a checkpoint of this run
         note = self.restore(resume_state) if resume_state else None
         self.net = torch.nn.parallel.DistributedDataParallel(self.model) if ddp.world > 1 else self.model
-        if cfg.overwrite and ddp.main and resume_state is None:
-            clear_run(out_dir)  # the run is set up: only now is the old one deleted
-        self.report = Reporter(ddp.main, out_dir, cfg, resumed_at=self.progress.step if resume_state else None)
+        if ddp.main:
+            if cfg.overwrite and resume_state is None:
+                clear_run(out_dir)  # the run is set up: only now is the old one deleted
+            write_run_config(out_dir, cfg)
+        report.open(out_dir, cfg, resumed_at=self.progress.step if resume_state else None)
         self.report.say(f"precision: {self.precision.name} ({self.precision.why}) | "
                         f"{self.precision.parts(cfg.model.cell, device)}")
         if note is not None:
@@ -161,7 +162,7 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         """Train until train.max_steps or the time budget; a signal ends it after the step in hand."""
         p, tc = self.progress, self.tc
-        stop = _StopOnSignal(announce=self.ddp.main)
+        stop = _StopOnSignal(announce=self.report.say)
         self.model.train()
         last = not tc.max_seconds and p.step >= tc.max_steps  # the step in hand is the final one
         self.report.start(p.step, None if tc.max_seconds else tc.max_steps)
@@ -346,19 +347,22 @@ class Trainer:
 
 
 def train(cfg: Config, out_dir: Path, resume_state: Optional[dict[str, Any]] = None,
-          init_state: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-    """Train cfg's model on cfg's data, writing checkpoints and events to out_dir; return a summary
-    (with "stopped_by", the signal number, when a signal ended it early). resume_state continues
-    a run exactly; init_state (a checkpoint of cfg.model's size) gives a new run its first weights.
+          init_state: Optional[dict[str, Any]] = None, report: Optional[Report] = None) -> dict[str, Any]:
+    """Train cfg's model on cfg's data, writing checkpoints and config.yaml to out_dir; return a
+    summary (with "stopped_by", the signal number, when a signal ended it early). resume_state
+    continues a run exactly; init_state (a checkpoint of cfg.model's size) gives a new run its
+    first weights; report hears what the run has to say (silent by default).
 
     Under torchrun each process trains its share of the lanes (see charlm.training.distributed); rank 0
     alone evaluates, prints and writes.
     """
     ddp, device = distributed.setup(cfg.train.batch_size, resolve_device(cfg.train.device, "train.device"))
+    report = report or Report()
+    report.activate(ddp.main)
     lock = None
     try:
         lock = _claim(ddp, out_dir, resuming=resume_state is not None, overwrite=cfg.overwrite)
-        return Trainer(cfg, out_dir, ddp, device, resume_state, init_state).run()
+        return Trainer(cfg, out_dir, ddp, device, report, resume_state, init_state).run()
     finally:
         if lock is not None:
             lock.release()
@@ -391,7 +395,7 @@ class _StopOnSignal:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, announce: bool = True) -> None:
+    def __init__(self, announce: Callable[[str], None]) -> None:
         self.announce = announce
         self.signum: Optional[int] = None
         self._previous: dict[int, Any] = {}
@@ -400,8 +404,7 @@ class _StopOnSignal:
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
-        if self.announce:
-            print(f"\n{signal.Signals(signum).name}: finishing this step, then saving last.pt", flush=True)
+        self.announce(f"\n{signal.Signals(signum).name}: finishing this step, then saving last.pt")
 
     def __enter__(self) -> "_StopOnSignal":
         for sig in self.SIGNALS:

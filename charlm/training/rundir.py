@@ -6,6 +6,7 @@
                                                   (kill -9 included), so it never goes stale
     clear_run(out_dir)                            overwrite=true: delete the old run, just before
                                                   the new one writes its first file
+    write_run_config(out_dir, cfg)                the run's settings as out_dir/config.yaml
 
 Readers (sample.py, evaluate.py, a second look at the checkpoints) never take the lock: they are
 never blocked. Under torchrun rank 0 takes it for all ranks (charlm.training.loop.train).
@@ -17,11 +18,12 @@ import shlex
 import socket
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from charlm.errors import CharlmError
-from charlm.files import TMP_SUFFIX
+from charlm.files import TMP_SUFFIX, atomic_write, write_error
 
 LOCK_NAME = ".charlm.lock"
 RUN_FILES = ("best.pt", "last.pt", "config.yaml")  # besides TensorBoard's events.out.tfevents.*
@@ -133,6 +135,16 @@ def clear_run(out_dir: Path) -> None:
     """overwrite=true: delete the run out_dir holds (the caller holds the lock, and calls this only
     once the new run is ready to write its first file, so a run that cannot start deletes nothing)."""
     _remove(out_dir, run_files(out_dir))
+
+
+def write_run_config(out_dir: Path, cfg: Any) -> None:
+    """The run's resolved settings (a RunConfig) as out_dir/config.yaml, written atomically."""
+    import yaml
+
+    try:
+        atomic_write(out_dir / "config.yaml", yaml.safe_dump(asdict(cfg), sort_keys=False, allow_unicode=True).encode())
+    except OSError as e:
+        raise CharlmError(write_error(out_dir / "config.yaml", e) + ", then run the same command again") from None
 
 
 def _remove(out_dir: Path, names: list[str]) -> None:

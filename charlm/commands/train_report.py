@@ -1,5 +1,6 @@
-"""What a training run shows and writes besides checkpoints: the header, the progress bar,
-TensorBoard events, config.yaml and the summary. Rank 0 reports; on other ranks it is silent."""
+"""What `python train.py` shows and writes besides checkpoints: the lines the run says, the progress
+bar (or plain lines outside a terminal), TensorBoard events and the summary. The trainer is handed
+a TrainReport (charlm.training.report.Report is its silent interface); rank 0's alone is active."""
 from __future__ import annotations
 
 import math
@@ -14,26 +15,26 @@ from typing import Any, Callable, Optional
 from tqdm import tqdm
 
 from charlm.config import Config
-from charlm.errors import CharlmError
-from charlm.files import atomic_write, write_error
 from charlm.inference.scoring import metrics
+from charlm.training.report import Report
 
 
-class Reporter:
-    """Rank 0's voice (active=True); a no-op on the other ranks."""
+class TrainReport(Report):
+    """Rank 0's voice (once activated); a no-op on the other ranks."""
 
-    def __init__(self, active: bool, out_dir: Path, cfg: Config, resumed_at: Optional[int]) -> None:
-        self.active, self.out_dir, self.cfg = active, out_dir, cfg
-        self.writer = None
-        if active:
-            _write_config(out_dir, cfg)
+    def __init__(self) -> None:
+        self.active, self.writer, self.bar = False, None, None
+        self.last_val: Optional[float] = None
+        self.tokens, self.t_log = 0, time.perf_counter()  # tokens trained since the last log line
+
+    def open(self, out_dir: Path, cfg: Config, resumed_at: Optional[int]) -> None:
+        """The run's TensorBoard writer (resumed_at: the step a resumed run continues from)."""
+        self.out_dir, self.cfg = out_dir, cfg
+        if self.active:
             try:
                 self.writer = _open_writer(out_dir, resumed_at)
             except OSError as e:
                 self._events_lost(e)
-        self.bar: Optional[tqdm] = None
-        self.last_val: Optional[float] = None
-        self.tokens, self.t_log = 0, time.perf_counter()  # tokens trained since the last log line
 
     def say(self, message: str) -> None:
         """A line for the user (above the bar once it exists)."""
@@ -142,15 +143,6 @@ class Reporter:
         _print_summary(summary)
 
 
-def _write_config(out_dir: Path, cfg: Config) -> None:
-    """The run's resolved settings as out_dir/config.yaml, written atomically."""
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(out_dir / "config.yaml", _to_yaml(asdict(cfg)).encode("utf-8"))
-    except OSError as e:
-        raise CharlmError(write_error(out_dir / "config.yaml", e) + ", then run the same command again") from None
-
-
 def _open_writer(out_dir: Path, resumed_at: Optional[int]):
     """The run directory's TensorBoard writer; its writing thread's errors reach the training thread."""
     from torch.utils.tensorboard import SummaryWriter  # slow import; only rank 0 needs it
@@ -174,12 +166,6 @@ def _quiet_writer_thread() -> None:
 
     hook.charlm = True
     threading.excepthook = hook
-
-
-def _to_yaml(d: dict) -> str:
-    from omegaconf import OmegaConf  # only for writing the resolved config out
-
-    return OmegaConf.to_yaml(OmegaConf.create(d))
 
 
 def _write_hparams(writer, cfg: Config, final: dict[str, float]) -> None:

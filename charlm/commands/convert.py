@@ -1,0 +1,62 @@
+"""python -m charlm.convert: Keras / Trax GRU language-model weights as a charlm checkpoint, exactly.
+
+    python -m charlm.convert format=keras weights=model.weights.h5 out=imported.pt reset_after=true
+    python -m charlm.convert format=trax weights=gru_lm.npz out=imported.pt [flip_update_gate=true]
+
+The other way: python -m charlm.export checkpoint=RUN format=keras.
+
+The Keras model is Embedding(256, d) -> GRU(d, return_sequences=True) x n -> Dense(256), given as a
+`.weights.h5` file or an `.npz` of `model.get_weights()`. Keras keeps gates in the order z, r, h
+in `kernel` (in, 3U) and `recurrent_kernel` (U, 3U); with reset_after=True its `bias` is (2, 3U)
+= [input; recurrent] and the maths is PyTorch's (-> model.cell=reset_after); with
+reset_after=False the bias is (3U,) and the reset gate acts before the recurrent matmul
+(-> model.cell=reset_before). Trax's GRUCell is reset-before too: w1 (in+U, 2U) [update; reset],
+b1 (2U,), w2 (in+U, U), b2 (U,). The result is an ordinary charlm checkpoint.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from charlm.checkpoint import save_checkpoint
+from charlm.config import ConvertConfig
+from charlm.errors import CharlmError
+from charlm.interop.convert import NOT_EQUIVALENT, from_keras, from_trax, read_keras
+
+
+def main(argv: list[str]) -> int:
+    """`python -m charlm.convert format=keras|trax weights=FILE out=FILE.pt [reset_after=...]`: the exit status."""
+    from charlm.commands import run
+    from charlm.commands.settings import parse_settings
+
+    def body() -> None:
+        cfg = parse_settings(ConvertConfig, argv, __doc__)
+        if cfg is not None:
+            _convert_command(cfg)
+
+    return run(body)
+
+
+def _convert_command(cfg: ConvertConfig) -> None:
+    weights, out = Path(cfg.weights), Path(cfg.out)
+    if not weights.is_file():
+        raise CharlmError(f"weights={weights} is not a file")
+    if cfg.format == "keras":
+        state = from_keras(read_keras(weights), cfg.reset_after, cfg.flip_update_gate)
+    else:
+        if cfg.reset_after:
+            raise CharlmError(f"Trax's GRU is reset-before; {NOT_EQUIVALENT}")
+        with np.load(weights) as f:
+            state = from_trax({name: f[name] for name in f.files}, cfg.flip_update_gate)
+    save_checkpoint(out, state)
+    mc = state["model_config"]
+    print(f"wrote {out}: {mc['d_model']}x{mc['n_layers']} GRU, model.cell={mc['cell']}")
+    if cfg.flip_update_gate:
+        print("flipped the update gate: negated the z weights and biases, since sigmoid(-a) = 1 - sigmoid(a)"
+              " turns h' = (1-z)*h + z*n into h' = z*h + (1-z)*n exactly")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,162 @@
+"""python -m charlm.doctor: check every path this machine offers.
+
+    python -m charlm.doctor
+
+Runs every path this machine offers on a tiny model, in about a minute: for the CPU and each CUDA
+device, in fp32 and bf16 and with both GRU cells, the real trainer (6 steps), a resume in the
+other precision, the sampler and the evaluator; then two processes under torchrun (gloo on the
+CPU, NCCL where two GPUs exist). Prints a matrix of ✓ / ✗ with timings, and the precision
+train.precision=auto would choose for the default models. Exit status 1 if any path failed.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from charlm.checkpoint import load_checkpoint, model_from_state
+from charlm.config import Config, DataConfig, DoctorConfig, ModelConfig, TrainConfig
+from charlm.device import choose_precision, matmul_micros
+from charlm.inference.sampling import sample_text
+from charlm.inference.scoring import evaluate_loss
+from charlm.model.network import CharLM
+from charlm.training.loop import train
+
+ROOT = Path(__file__).resolve().parents[2]  # train.py, for torchrun
+TEXT = "".join(f"the {w} traveller came back at {n} o'clock; café déjà vu.\n"
+               for n, w in enumerate(["time", "grey", "swift", "old"] * 60))
+
+
+def _tiny(text: Path, out: Path, device: str, precision: str, cell: str, **train_kw) -> Config:
+    return Config(
+        data=DataConfig(name="text", path=str(text)),
+        model=ModelConfig(d_model=32, n_layers=2, dropout=0.1, cell=cell),
+        train=TrainConfig(batch_size=8, seq_len=32, max_steps=6, eval_every=3, warmup_steps=2, log_every=3,
+                          sample_length=16, device=device, precision=precision, **train_kw),
+        out_dir=str(out),
+    )
+
+
+def check_single(text: Path, work: Path, device: str, precision: str, cell: str) -> str:
+    """Train, resume in the other precision, sample and evaluate; return what was checked."""
+    run = work / f"{device.replace(':', '')}-{precision}-{cell}"
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        train(_tiny(text, run, device, precision, cell), run)
+        state = load_checkpoint(run / "last.pt")
+        other = "fp32" if precision == "bf16" else "bf16"
+        cfg = _tiny(text, run, device, other, cell, resume=str(run / "last.pt"))
+        cfg.train.max_steps = 8
+        train(cfg, run, resume_state=state)
+    state = load_checkpoint(run / "last.pt")
+    floats = [t for t in state["model"].values()] + [state["hidden"]]
+    if state["step"] != 8 or any(t.dtype != torch.float32 for t in floats):
+        dtypes = sorted({str(t.dtype) for t in floats})
+        raise RuntimeError(f"resumed run ended at step {state['step']} with dtypes {dtypes}")
+    model = model_from_state(state).to(device).eval()
+    text_out = sample_text(model, "the ", 20, temperature=0.8, generator=torch.Generator(device).manual_seed(0))[0]
+    loss, _ = evaluate_loss(model, np.frombuffer(text.read_bytes()[:4096], np.uint8), lanes=4, device=device)
+    if not np.isfinite(loss) or len(text_out) < 20:
+        raise RuntimeError(f"evaluation gave {loss}, sample {text_out!r}")
+    return f"train, resume in {other}, sample, evaluate (val {loss:.2f})"
+
+
+def check_ddp(text: Path, work: Path, device: str) -> str:
+    """Two processes under torchrun; they must end with identical weights."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    args = ["data=text", f"data.path={text}", "model.d_model=32", "model.n_layers=2", "model.dropout=0.1",
+            "train.batch_size=8", "train.seq_len=32", "train.max_steps=6", "train.eval_every=3",
+            "train.precision=fp32", f"train.device={device}", f"out_dir={work / ('ddp-' + device)}"]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(ROOT / "train.py"), *args], cwd=work, env=env, capture_output=True, text=True,
+                          timeout=300)
+    found = re.search(r"2 processes (hold identical weights|DISAGREE on the weights): .*", proc.stdout)
+    if proc.returncode != 0 or not found or "identical" not in found.group(0):
+        tail = (proc.stderr.strip() or proc.stdout.strip()).splitlines()[-1:] or ["no output"]
+        raise RuntimeError(found.group(0) if found else f"exit {proc.returncode}: {tail[0]}")
+    return found.group(0)
+
+
+def auto_choices(device: torch.device) -> list[str]:
+    """What train.precision=auto picks for the default models on this device."""
+    lines = []
+    for name, d, dropout, batch in (("timemachine", 256, 0.2, (64, 100)), ("tinyshakespeare", 128, 0.0, (32, 25))):
+        model = CharLM(ModelConfig(d_model=d, n_layers=2, dropout=dropout)).to(device)
+        p = choose_precision("auto", model, device, batch)
+        lines.append(f"  data={name} ({d}x2, batch {batch[0]}x{batch[1]}) on {device}: {p.name} ({p.why})")
+    return lines
+
+
+def _row(label: str, fn: Callable[[], str]) -> tuple[bool, str]:
+    t = time.perf_counter()
+    try:
+        detail, ok = fn(), True
+    except Exception as e:  # a failing path is a row of the report, not the end of it
+        frame = traceback.extract_tb(e.__traceback__)[-1]
+        first = str(e).splitlines()[0] if str(e) else ""
+        detail, ok = f"{type(e).__name__}: {first} ({Path(frame.filename).name}:{frame.lineno})", False
+    line = f"{label:<34} {'✓' if ok else '✗'} {time.perf_counter() - t:6.1f} s  {detail}"
+    print(line, flush=True)
+    return ok, line
+
+
+def main(argv: list[str]) -> int:
+    """`python -m charlm.doctor`: the exit status (1 if any path failed; 2 for a bad argument)."""
+    from charlm.commands import run
+    from charlm.commands.settings import parse_settings
+
+    if run(lambda: parse_settings(DoctorConfig, argv, __doc__) or 0, error_status=2) == 2:
+        return 2
+    if any(a in ("-h", "--help") for a in argv):
+        return 0
+    return _doctor()
+
+
+def _doctor() -> int:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               "CPU") if Path("/proc/cpuinfo").exists() else "CPU"
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    print(f"charlm doctor | torch {torch.__version__} | {cpu} | CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()} | {torch.get_num_threads()} threads | {gpus} CUDA GPU(s)")
+    fp32_us, bf16_us = matmul_micros(torch.float32), matmul_micros(torch.bfloat16)
+    print(f"CPU bf16 matmuls are {'native' if bf16_us < fp32_us else 'emulated (slow; fp32 is the choice here)'}:"
+          f" {bf16_us:.0f} µs against {fp32_us:.0f} µs in fp32 for 256x256 @ 256x768")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="charlm-doctor-") as tmp:
+        work = Path(tmp)
+        text = work / "text.txt"
+        text.write_text(TEXT, encoding="utf-8")
+        devices = ["cpu"] + [f"cuda:{i}" for i in range(gpus)]
+        for device in devices:
+            for precision in ("fp32", "bf16"):
+                for cell in ("reset_after", "reset_before"):
+                    label = f"{device} {precision} {cell}"
+                    results.append(_row(label, lambda: check_single(text, work, device, precision, cell)))
+        if gpus == 0:
+            print(f"{'cuda':<34} - no GPU: torch.cuda.is_available() is False")
+        results.append(_row("2 processes, gloo (CPU)", lambda: check_ddp(text, work, "cpu")))
+        if gpus >= 2:
+            results.append(_row("2 processes, NCCL (cuda)", lambda: check_ddp(text, work, "cuda")))
+        else:
+            print(f"{'2 processes, NCCL (cuda)':<34} - needs two GPUs, this machine has {gpus}")
+    print("train.precision=auto would choose:")
+    for device in devices:
+        for line in auto_choices(torch.device(device)):
+            print(line)
+    failed = sum(not ok for ok, _ in results)
+    print(f"{len(results) - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

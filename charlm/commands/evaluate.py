@@ -1,0 +1,152 @@
+"""python evaluate.py: score a text with a trained model (bytes, nats/byte, perplexity, bits/byte),
+statically and with dynamic evaluation, and write the page of the text read through the model."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from charlm.commands.settings import to_object, with_raw
+from charlm.config import EvaluateConfig
+from charlm.errors import CharlmError
+
+EVALUATE_SEQ_LEN = 512  # bytes per window for evaluate.py (one stream: the window only sets the work per call)
+
+
+def main(argv: list[str], usage: str, raw: dict[str, str]) -> None:
+    """`python evaluate.py`: raw holds the file names exactly as typed."""
+    from charlm.commands import exit_on_error
+    from charlm.commands.settings import compose
+
+    cfg = None
+
+    def body() -> None:
+        nonlocal cfg
+        cfg = compose("evaluate", argv, usage)
+        if cfg is not None:
+            run_evaluate(cfg, argv[1:], raw)
+
+    exit_on_error(body)
+    if cfg is None:  # Hydra's own flags
+        from hydra.core.hydra_config import HydraConfig
+
+        from charlm.commands.train import _hydra_app
+
+        _hydra_app("evaluate", lambda c: exit_on_error(
+            lambda: run_evaluate(c, list(HydraConfig.get().overrides.task), raw)))
+
+
+def run_evaluate(cfg: DictConfig, overrides: list[str], raw: dict[str, str]) -> None:
+    """The composed config with the raw arguments, as an EvaluateConfig, scored. Without data= on the
+    command line the checkpoint's own text is scored."""
+    config = to_object(with_raw(cfg, raw), EvaluateConfig)
+    given = [o.lstrip("+~").split("=")[0].split(".")[0] for o in [*overrides, *raw]]
+    evaluate(config, data_given="data" in given)
+
+
+def evaluate(cfg: EvaluateConfig, data_given: bool = True) -> dict[str, Any]:
+    """`python evaluate.py`: score a split (or a whole file) and print the figures.
+
+    Without data= on the command line (data_given False), the checkpoint's own corpus is scored.
+    """
+    from charlm.inference.scoring import dynamic_loss, evaluate_loss, metrics
+
+    if cfg.html and (Path(cfg.html).is_dir() or not Path(cfg.html).resolve().parent.is_dir()):
+        raise CharlmError(f"html={cfg.html}: give a file name in a directory that exists")
+    path, model, text_path, which, data = _scored_text(cfg, data_given)
+    device = next(model.parameters()).device
+    t0 = time.perf_counter()
+    with _progress(len(data), "scoring") as bar:
+        loss, n = evaluate_loss(model, data, seq_len=EVALUATE_SEQ_LEN, lanes=1, device=device, progress=bar.update)
+    result = {"checkpoint": str(path), "data": str(text_path), "split": which, "bytes": n, **metrics(loss),
+              "seconds": round(time.perf_counter() - t0, 3)}
+    if cfg.dynamic:
+        t0 = time.perf_counter()
+        with _progress(len(data), "dynamic") as bar:
+            dyn, _ = dynamic_loss(model, data, cfg.dynamic_window, cfg.dynamic_lr, device, progress=bar.update)
+        result.update({f"dynamic_{k}": v for k, v in metrics(dyn).items()},
+                      dynamic_lr=cfg.dynamic_lr, dynamic_window=cfg.dynamic_window,
+                      dynamic_seconds=round(time.perf_counter() - t0, 3))
+    if cfg.html:
+        result["html"] = str(_write_html(cfg, model, path, text_path, which, data, result["bpb"]))
+    if cfg.format == "json":
+        print(json.dumps(result, allow_nan=False))
+        return result
+    lines = [f"{text_path} [{which}] scored by {path}", f"bytes:       {n:,}"]
+    rows = [("loss", "loss", " nats/byte", ".4f"), ("perplexity", "perplexity", "", ".3f"),
+            ("bits/byte", "bpb", "", ".4f")]
+    if cfg.dynamic:
+        lines.append(f"{'':13}{'static':>10}  {'dynamic':>10}   (dynamic_lr={cfg.dynamic_lr:g},"
+                     f" dynamic_window={cfg.dynamic_window})")
+        lines += [f"{name + ':':13}{result[key]:>10{fmt}}  {result['dynamic_' + key]:>10{fmt}}{unit}"
+                  for name, key, unit, fmt in rows]
+    else:
+        lines += [f"{name + ':':13}{result[key]:{fmt}}{unit}" for name, key, unit, fmt in rows]
+    if cfg.html:
+        lines.append(f"page:        {result['html']}")
+    print("\n".join(lines))
+    return result
+
+
+def _progress(total: int, what: str) -> Any:
+    """A bar on stderr for a long scoring, shown on a terminal only (stdout keeps just the figures)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=what, unit="B", unit_scale=True, file=sys.stderr, leave=False,
+                disable=None if total >= 100_000 else True)
+
+
+def _scored_text(cfg: EvaluateConfig, data_given: bool) -> tuple[Path, Any, Path, str, Any]:
+    """(checkpoint path, its model on cfg.device, the text's path, the split's name, its bytes).
+
+    Without data= on the command line the checkpoint's own text and split fractions are used; the
+    split defaults to test, else val (said on stderr), or the whole file for data=text.
+    """
+    from charlm.checkpoint import load_checkpoint, locate_checkpoint, model_from_state
+    from charlm.config import DataConfig
+    from charlm.data.batches import split
+    from charlm.data.text import corpus_path, load_bytes
+    from charlm.device import resolve_device
+
+    path = locate_checkpoint(cfg.checkpoint)
+    device = resolve_device(cfg.device)
+    state = load_checkpoint(path)
+    model = model_from_state(state).to(device)
+    data_cfg = cfg.data if data_given else DataConfig(**state["config"]["data"])
+    text_path = corpus_path(data_cfg, lambda message: print(message, file=sys.stderr))
+    data = load_bytes(text_path)
+    parts = split(data, data_cfg.train_frac, data_cfg.val_frac)
+    which, note = cfg.split, ""
+    if which is None and data_given and data_cfg.name == "text":
+        which = "all"  # a file of one's own: all of it
+    elif which is None:
+        which = "test" if len(parts["test"]) else "val"
+        if which == "val":
+            note = f"{data_cfg.name} has no test split (data.train_frac + data.val_frac = 1): scoring val"
+    if which != "all":
+        data = parts[which]
+    if len(data) == 0:
+        raise CharlmError(
+            f"split={which} of {text_path} is empty at data.train_frac={data_cfg.train_frac},"
+            f" data.val_frac={data_cfg.val_frac}; choose another split (train, val, test or all)"
+        )
+    if note:
+        print(note, file=sys.stderr)
+    return path, model, text_path, which, data
+
+
+def _write_html(cfg: EvaluateConfig, model: Any, path: Path, text_path: Path, which: str, data: Any,
+                bpb_all: float) -> Path:
+    """evaluate.py html=FILE: the first html_bytes of the scored text, read through the model."""
+    from charlm.inference.reading import read_text, write_page
+
+    out = Path(cfg.html)
+    shown = bytes(data[: cfg.html_bytes])
+    numbers = read_text(model, shown, next(model.parameters()).device)
+    about = {"title": f"{text_path.name} [{which}] through {path}", "source": f"{text_path} [{which}]",
+             "checkpoint": str(path), "cell": model.config.cell, "total": len(data), "bpb_all": bpb_all}
+    return write_page(out, shown, numbers, about)

@@ -1,0 +1,66 @@
+"""python -m charlm.export: a trained model for other runtimes.
+
+    python -m charlm.export checkpoint=RUN_DIR|FILE.pt [format=onnx|keras] [out=FILE]
+
+format=keras writes an .npz of the arrays Keras's model.get_weights() holds for the same model
+(see python -m charlm.convert for the other way). format=onnx's graph is one decoding step,
+the shape incremental decoding needs:
+
+    byte (N,) int64, hidden (n_layers, N, d_model) float32
+        -> log_probs (N, 256) float32, hidden_out (n_layers, N, d_model) float32
+
+N (the batch) is dynamic. Start with byte 0 (start of text) and a zero hidden state, feed the
+prompt one byte at a time, then feed back each chosen byte with hidden_out.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from charlm.config import ExportConfig
+
+
+def main(argv: list[str]) -> int:
+    """`python -m charlm.export checkpoint=... [format=onnx|keras] [out=...]`: the exit status."""
+    from charlm.commands import run
+    from charlm.commands.settings import parse_settings
+
+    def body() -> None:
+        cfg = parse_settings(ExportConfig, argv, __doc__)
+        if cfg is not None:
+            _export_command(cfg)
+
+    return run(body)
+
+
+def _export_command(cfg: ExportConfig) -> None:
+    import numpy as np
+
+    from charlm.checkpoint import load_checkpoint, locate_checkpoint, model_from_state
+    from charlm.errors import CharlmError
+    from charlm.interop.convert import to_keras
+
+    path = locate_checkpoint(cfg.checkpoint)
+    state = load_checkpoint(path)
+    mc = state["model_config"]
+    if cfg.format == "keras":
+        out = Path(cfg.out or path.parent / "keras_weights.npz")
+        np.savez(out, *to_keras(state))
+        print(f"wrote {out}: Keras get_weights() for Embedding -> GRU(reset_after={mc['cell'] == 'reset_after'})"
+              f" x {mc['n_layers']} -> Dense, {mc['d_model']} wide")
+        return
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        raise CharlmError("ONNX export needs the onnx package: pip install -e '.[export]'") from None
+    out = Path(cfg.out or path.parent / "model.onnx")
+    from charlm.interop.onnx import export_onnx
+
+    export_onnx(model_from_state(state), out)
+    print(f"wrote {out}: one decoding step of {path} ({mc['d_model']}x{mc['n_layers']} GRU)\n"
+          f"inputs  byte (N,) int64, hidden ({mc['n_layers']}, N, {mc['d_model']}) float32\n"
+          f"outputs log_probs (N, 256) float32, hidden_out ({mc['n_layers']}, N, {mc['d_model']}) float32")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,165 @@
+"""python train.py: the composed config becomes a RunConfig (a resume or a fine-tuning start
+merged with its checkpoint's), then charlm.training.loop.train runs it with this layer's reporter.
+
+How a run flows: train.py composes (settings.compose) -> run_train -> config_for_run ->
+training.loop.train(config, out_dir, report=TrainReport()) -> Trainer.run() -> a summary.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from charlm.commands.settings import literal, literal_tree, to_object, with_raw
+from charlm.config import Config
+from charlm.errors import CharlmError
+
+MODEL_SHAPE = ("d_model", "n_layers", "cell")  # what a checkpoint's weights fix (resume, init_from)
+RESUME_FIXES = {"data": ("name", "path", "train_frac", "val_frac"), "model": MODEL_SHAPE}
+# what a group choice on the command line stands for: data=... and model=... their section,
+# recipe=... the model and train sections (as this command composes them)
+GROUP_SECTIONS = {"data": ["data"], "model": ["model"], "recipe": ["model", "train"]}
+
+
+def run_train(cfg: DictConfig, overrides: list[str], raw: dict[str, str], sweep_dir: Optional[str] = None) -> int:
+    """Body of `python train.py`: overrides are the command line's (Hydra's grammar), raw its path
+    settings exactly as typed; sweep_dir is a sweep job's own directory. The exit status."""
+    config, state, init = config_for_run(with_raw(cfg, raw), overrides, raw)
+    if sweep_dir and "out_dir" not in raw:
+        config.out_dir = sweep_dir  # one directory per job of a sweep
+    from charlm.commands.train_report import TrainReport
+    from charlm.training.loop import train  # torch is imported only once the config is known to be good
+
+    summary = train(config, Path(config.out_dir), report=TrainReport(), resume_state=state, init_state=init)
+    if "stopped_by" in summary:  # Ctrl-C or SIGTERM: saved; the shell's code for that signal
+        return 128 + summary["stopped_by"]
+    return 0
+
+
+def config_for_run(cfg: DictConfig, overrides: list[str], raw: dict[str, str]
+                   ) -> tuple[Config, Optional[dict[str, Any]], Optional[dict[str, Any]]]:
+    """(the run's config, the checkpoint it resumes, the checkpoint it starts from)."""
+    if cfg.train.resume and cfg.train.init_from:
+        raise CharlmError("give train.resume (continue a run) or train.init_from (start a new run from its"
+                          " weights), not both")
+    if cfg.train.resume and cfg.overwrite:
+        raise CharlmError("give train.resume (continue a run) or overwrite=true (start it over), not both")
+    if cfg.train.resume:
+        config, state = _resume_config(cfg, overrides, raw)
+        return config, state, None
+    if cfg.train.init_from:
+        config, init = _init_from_config(cfg, overrides)
+        return config, None, init
+    return to_object(cfg, Config), None, None
+
+
+def _resume_config(cfg: DictConfig, overrides: list[str], raw: dict[str, str]) -> tuple[Config, dict[str, Any]]:
+    """The saved run's config with this command line's overrides (and raw path settings) on top.
+
+    Every override takes effect (train.lr included) or is refused here: a resumed run keeps its
+    text and its model's shape. Repeating the run's own choices (data=..., model=...) is fine.
+    """
+    from charlm.checkpoint import load_checkpoint, resolve_checkpoint
+
+    path = resolve_checkpoint(cfg.train.resume, prefer="last.pt")
+    state = load_checkpoint(path)
+    saved = OmegaConf.merge(OmegaConf.structured(Config), literal_tree(state["config"]))
+    merged = saved.copy()
+    given = _parsed(overrides)
+    for o in given:
+        sections = GROUP_SECTIONS.get(o.key_or_group)
+        try:
+            for key in sections or [o.key_or_group]:
+                value = OmegaConf.to_container(cfg[key], resolve=True) if sections else o.value()
+                OmegaConf.update(merged, key, value, merge=True)
+        except OmegaConfBaseException as e:
+            raise CharlmError(f"{o.input_line}: {str(e).splitlines()[0]}") from None
+    with_raw(merged, {k: v for k, v in raw.items() if k != "train.resume"})
+    lines = [(o.key_or_group, o.input_line) for o in given] + [(k, f"{k}={v}") for k, v in raw.items()]
+    for section, key, was, now in _changed(saved, merged, RESUME_FIXES):
+        culprit = [line for k, line in lines if k in (section, f"{section}.{key}", "recipe")][-1]
+        raise CharlmError(f"{culprit} would change {section}.{key} from {was} to {now}, which a resumed run"
+                          " cannot; drop it, or start a new run")
+    merged.train.resume = literal(str(path))
+    return to_object(merged, Config), state
+
+
+def _init_from_config(cfg: DictConfig, overrides: list[str]) -> tuple[Config, dict[str, Any]]:
+    """This command's config with the model's size taken from train.init_from's checkpoint.
+
+    A model setting given on the command line applies where it fits the weights (dropout); one
+    that contradicts them (model.d_model, n_layers, cell, or a model= size) is refused here.
+    """
+    from charlm.checkpoint import load_checkpoint, resolve_checkpoint
+
+    path = resolve_checkpoint(cfg.train.init_from, prefer="best.pt")
+    state = load_checkpoint(path)
+    saved = OmegaConf.merge(OmegaConf.structured(Config), {"model": state["model_config"]})
+    merged = cfg.copy()
+    merged.model = saved.model
+    for o in _parsed(overrides):
+        key = o.key_or_group
+        if key != "model" and not key.startswith("model."):
+            continue
+        value = OmegaConf.to_container(cfg.model, resolve=True) if key == "model" else o.value()
+        OmegaConf.update(merged, key, value, merge=True)
+        for _, k, _, now in _changed(saved, merged, {"model": MODEL_SHAPE}):
+            m = saved.model
+            raise CharlmError(f"{o.input_line} would make model.{k} {now}, but train.init_from={path} is a"
+                              f" {m.d_model}x{m.n_layers} {m.cell} model; drop it, or start from scratch")
+    merged.train.init_from = literal(str(path.resolve()))  # the record in config.yaml and HParams
+    return to_object(merged, Config), state
+
+
+def _changed(saved: DictConfig, merged: DictConfig, fixed: dict[str, tuple[str, ...]]) -> list[tuple]:
+    """(section, key, saved value, new value) for each key a checkpoint fixes that merged changes:
+    the part of the resume and init_from rules they share."""
+    return [(section, k, saved[section][k], merged[section][k]) for section, keys in fixed.items() for k in keys
+            if merged[section][k] != saved[section][k]]
+
+
+def _parsed(overrides: list[str]) -> list[Any]:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return OverridesParser.create().parse_overrides(overrides)
+
+
+def hydra_main(cfg: DictConfig, raw: dict[str, str]) -> None:
+    """@hydra.main's task (sweeps with -m, and Hydra's other flags): the same body as a plain run."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from charlm.commands import exit_on_error
+
+    hydra_cfg = HydraConfig.get()
+    sweep_dir = hydra_cfg.runtime.output_dir if hydra_cfg.mode == RunMode.MULTIRUN else None
+    exit_on_error(lambda: run_train(cfg, list(hydra_cfg.overrides.task), raw, sweep_dir))
+
+
+def main(argv: list[str], usage: str, raw: dict[str, str]) -> None:
+    """`python train.py`: composed once here, or by @hydra.main where argv holds Hydra's flags."""
+    from charlm.commands import exit_on_error
+    from charlm.commands.settings import compose
+
+    cfg = None
+
+    def body() -> int:
+        nonlocal cfg
+        cfg = compose("train", argv, usage)
+        return run_train(cfg, argv[1:], raw) if cfg is not None else 0
+
+    exit_on_error(body)
+    if cfg is None:
+        sys.exit(_hydra_app("train", lambda c: hydra_main(c, raw)))
+
+
+def _hydra_app(config_name: str, task: Any) -> int:
+    import hydra
+
+    from charlm.commands.settings import CONFIG_DIR
+
+    hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=config_name)(task)()
+    return 0
