@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from charlm.checkpoint import load_checkpoint, model_from_state
+from charlm.commands.train_report import TrainReport
 from charlm.config import Config, DataConfig, ModelConfig, TrainConfig
 from charlm.device import Precision, choose_precision
 from charlm.inference.explain import explain_steps
@@ -60,7 +61,7 @@ def test_every_cell_and_precision_trains_samples_evaluates_explains_exports_resu
     tmp_path, text_file, capsys, cell, precision
 ):
     run = tmp_path / "run"
-    train(tiny_config(text_file, run, cell, precision), run)
+    train(tiny_config(text_file, run, cell, precision), run, report=TrainReport())  # what train.py prints
     header = capsys.readouterr().out
     state = load_checkpoint(run / "last.pt")
     chose = state["precision"]
@@ -93,7 +94,7 @@ def test_every_cell_and_precision_trains_samples_evaluates_explains_exports_resu
     other = "fp32" if chose["bf16"] else "bf16"
     cfg = tiny_config(text_file, run, cell, other)
     cfg.train.max_steps, cfg.train.resume = 8, str(run / "last.pt")
-    train(cfg, run, resume_state=state)
+    train(cfg, run, resume_state=state, report=TrainReport())
     out = capsys.readouterr().out
     assert f"precision: {other} (train.precision={other})" in out and "resumed from step 6" in out
     resumed = load_checkpoint(run / "last.pt")
@@ -108,7 +109,7 @@ def test_auto_keeps_its_decision_on_resume(tmp_path, text_file, capsys):
     cfg = tiny_config(text_file, run, "reset_after", "auto")
     cfg.train.max_steps = 7
     capsys.readouterr()
-    train(cfg, run, resume_state=state)
+    train(cfg, run, resume_state=state, report=TrainReport())
     out = capsys.readouterr().out
     kept = "bf16" if state["precision"]["bf16"] else "fp32"
     assert f"precision: {kept} (auto, as decided when the run started" in out

@@ -123,21 +123,20 @@ save_checkpoint(path, {{"step": 2, "x": torch.zeros(1000)}})
 
 def _train_in_process(tmp_path, text_file, nan_at, **train_overrides):
     """Run charlm.training.loop.train directly, with the loss replaced by NaN at step nan_at."""
-    import charlm.training.loop as tr
-    from charlm.config import Config, DataConfig, ModelConfig
+    from charlm.config import Config, DataConfig, ModelConfig, TrainConfig
 
     cfg = Config(
         data=DataConfig(name="text", path=str(text_file)),
         model=ModelConfig(d_model=16, n_layers=1),
-        train=tr.TrainConfig(batch_size=4, seq_len=16, max_steps=12, eval_every=5, log_every=1,
-                             sample_length=5, warmup_steps=1, precision="fp32", **train_overrides),
+        train=TrainConfig(batch_size=4, seq_len=16, max_steps=12, eval_every=5, log_every=1,
+                          sample_length=5, warmup_steps=1, precision="fp32", **train_overrides),
     )
     calls = {"n": 0}
-    real = tr.F.nll_loss
+    real = torch.nn.functional.nll_loss
 
     def nll(*a, **k):
         out = real(*a, **k)
-        if tr.torch.is_grad_enabled():
+        if torch.is_grad_enabled():
             calls["n"] += 1
             if calls["n"] == nan_at:
                 return out * float("nan")
@@ -151,7 +150,7 @@ def test_nan_loss_stops_with_message_and_keeps_checkpoints(tmp_path, text_file, 
     from charlm.errors import CharlmError
 
     cfg, nll = _train_in_process(tmp_path, text_file, nan_at=7)
-    monkeypatch.setattr(tr.F, "nll_loss", nll)
+    monkeypatch.setattr(torch.nn.functional, "nll_loss", nll)
     out = tmp_path / "run"
     with pytest.raises(CharlmError, match="step 7: the loss or gradient became non-finite") as e:
         tr.train(cfg, out)
@@ -165,7 +164,7 @@ def test_nan_loss_can_be_skipped_and_counted(tmp_path, text_file, monkeypatch):
     import charlm.training.loop as tr
 
     cfg, nll = _train_in_process(tmp_path, text_file, nan_at=7, on_nonfinite="skip")
-    monkeypatch.setattr(tr.F, "nll_loss", nll)
+    monkeypatch.setattr(torch.nn.functional, "nll_loss", nll)
     tr.train(cfg, tmp_path / "run")
     state = load_checkpoint(tmp_path / "run" / "last.pt")
     assert state["step"] == 12 and state["skipped"] == 1

@@ -26,7 +26,7 @@ from charlm.config import BenchConfig, ModelConfig, TrainConfig
 from charlm.device import choose_precision, resolve_device
 from charlm.inference.sampling import generate
 from charlm.model.network import CharLM
-from charlm.training.loop import make_optimizer, train_step
+from charlm.training.step import make_optimizer, train_step
 
 
 class PlainGRU(nn.Module):
