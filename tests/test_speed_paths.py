@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from charlm import CharLM, ModelConfig
 from charlm.checkpoint import load_checkpoint
-from charlm.inference.sampling import ByteStepper
+from charlm.model.stepping import Stepper
 from charlm.inference.scoring import evaluate_loss
 from charlm.model.fused_gru import can_fuse, fused_gru
 from charlm.training.schedule import budget_lr_factor
@@ -66,17 +66,20 @@ def test_model_takes_the_fused_path_on_cpu_fp32_only():
 
 
 @pytest.mark.parametrize("cell", ["reset_after", "reset_before"])
-def test_byte_stepper_equals_a_forward_pass(cell):
+def test_the_stepper_equals_a_forward_pass_with_or_without_gates(cell):
     torch.manual_seed(0)
     m = CharLM(ModelConfig(d_model=16, n_layers=2, cell=cell)).eval()
     x = torch.randint(0, 256, (4, 9))
     with torch.no_grad():
         whole, h_whole = m(x)
-        step, h = ByteStepper(m), m.init_hidden(4)
-        for t in range(9):
-            log_probs, h = step(x[:, t], h)
-            assert torch.allclose(log_probs, whole[:, t], atol=1e-5)
-    assert torch.allclose(h, h_whole, atol=1e-5)
+        for gates in (False, True):
+            step, h = Stepper(m), m.init_hidden(4)
+            for t in range(9):
+                log_probs, h, seen = step(x[:, t], h, gates=gates)
+                assert torch.allclose(log_probs, whole[:, t], atol=1e-5)
+                if gates:  # the last layer's state is what the gates made: h' = z*h + (1-z)*n
+                    assert torch.equal(seen["layers"][-1]["h"], h[-1]) and len(seen["layers"]) == 2
+            assert torch.allclose(h, h_whole, atol=1e-5)
 
 
 @pytest.mark.slow  # bf16 is emulated on CPUs without AMX: slow there

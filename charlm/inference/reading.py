@@ -6,8 +6,8 @@ charlm/inference/reading_page.html). The model reads the text as evaluate.py doe
 start byte and a zero state. For byte t:
 
 - surprisal and top 5 are the prediction of byte t, made from everything before it;
-- gates and units are the step that reads byte t (its input is byte t), computed layer by layer
-  with charlm.model.gru.step_with_gates, the same maths as the model's own GRU.
+- gates and units are the step that reads byte t (its input is byte t), computed by
+  charlm.model.stepping.Stepper with its gates, the same maths as the model's own GRU.
 """
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from charlm.data.tokenizer import START_BYTE
-from charlm.model.gru import layer_weights, step_with_gates
 from charlm.model.network import CharLM
+from charlm.model.stepping import Stepper
 
 FEATURES = {
     "inside quotes": "between an opening and a closing quotation mark (\", “ ”, or ' not between letters)",
@@ -42,26 +42,18 @@ def read_text(model: CharLM, data: bytes, device: torch.device | str = "cpu") ->
     units (L, T, D) hidden state after reading each byte.
     """
     model.eval()
-    cfg = model.config
-    weights = [layer_weights(model.gru, k) for k in range(cfg.n_layers)]
+    step = Stepper(model)
     inputs = torch.tensor([START_BYTE, *data], dtype=torch.long, device=device)
-    embedded = model.embed(inputs)  # (T+1, D)
-    h = [torch.zeros(1, cfg.d_model, device=device) for _ in range(cfg.n_layers)]
-    top_layer, z_mean, r_mean, units = [], [], [], []
+    h = model.init_hidden(1, device)
+    predictions, z_mean, r_mean, units = [], [], [], []
     for t in range(len(inputs)):
-        x = embedded[t : t + 1]
-        zs, rs = [], []
-        for k in range(cfg.n_layers):
-            g = step_with_gates(x, h[k], weights[k], cfg.cell)
-            h[k] = x = g["h"]
-            zs.append(g["z"].mean())
-            rs.append(g["r"].mean())
-        top_layer.append(x[0])
+        log_probs, h, seen = step(inputs[t : t + 1], h, gates=True)
+        predictions.append(log_probs[0])  # of byte t (the next one)
         if t > 0:  # the step that read byte t-1
-            z_mean.append(torch.stack(zs))
-            r_mean.append(torch.stack(rs))
-            units.append(torch.stack([hk[0] for hk in h]))
-    log_probs = torch.log_softmax(model.head(torch.stack(top_layer[:-1])), dim=-1)  # (T, 256): byte t
+            z_mean.append(torch.stack([g["z"].mean() for g in seen["layers"]]))
+            r_mean.append(torch.stack([g["r"].mean() for g in seen["layers"]]))
+            units.append(h[:, 0])
+    log_probs = torch.stack(predictions[:-1])  # (T, 256): the prediction of byte t
     target = torch.tensor(list(data), dtype=torch.long, device=device)
     top = torch.topk(log_probs, 5, dim=-1)
     return {

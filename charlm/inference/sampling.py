@@ -6,8 +6,8 @@ from typing import Iterator, Optional
 import torch
 
 from charlm.data.tokenizer import START_BYTE, StreamDecoder, decode
-from charlm.model.gru import layer_weights
 from charlm.model.network import CharLM
+from charlm.model.stepping import Stepper
 
 
 def next_byte(
@@ -46,46 +46,6 @@ def next_byte(
     return torch.searchsorted(cdf, u, right=True).squeeze(-1)
 
 
-class ByteStepper:
-    """One model step per new byte, for decoding: (N,) bytes, h -> (N, 256) log-probs, h.
-
-    Computes what CharLM.forward computes for a length-1 input, with less work per byte: the
-    embedding and layer 0's input projection are folded into one (256, 3D) table read by byte,
-    weights are transposed once, and nothing is allocated for a time axis. Build it after the
-    weights stop changing (it copies them).
-    """
-
-    def __init__(self, model: CharLM):
-        self.model = model
-        self.fast = isinstance(model.gru, torch.nn.GRU)  # the reset-before cell steps through forward
-        if not self.fast:
-            return
-        weights = [layer_weights(model.gru, k) for k in range(model.config.n_layers)]
-        w_ih, _, b_ih, _ = weights[0]
-        self.table = torch.addmm(b_ih, model.embed.weight, w_ih.t())  # (256, 3D): W_i x + b_i per byte
-        self.w_ih_t = [w[0].t().contiguous() for w in weights]
-        self.b_ih = [w[2] for w in weights]
-        # every layer's recurrent matmul needs only the previous state: one batched matmul for all
-        self.w_hh_t = torch.stack([w[1].t() for w in weights])  # (L, D, 3D)
-        self.b_hh = torch.stack([w[3] for w in weights]).unsqueeze(1)  # (L, 1, 3D)
-        self.head = (model.head.weight.t().contiguous(), model.head.bias)
-
-    def __call__(self, byte: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.fast:
-            log_probs, h = self.model(byte.unsqueeze(1), h)
-            return log_probs[:, -1], h
-        d = self.model.config.d_model
-        gh_all = torch.baddbmm(self.b_hh, h, self.w_hh_t)  # (L, N, 3D)
-        x = h.new_empty(0)
-        states = []
-        for k, gh in enumerate(gh_all):
-            gi = self.table[byte] if k == 0 else torch.addmm(self.b_ih[k], x, self.w_ih_t[k])
-            rz = torch.sigmoid(gi[:, : 2 * d] + gh[:, : 2 * d])
-            n = torch.tanh(torch.addcmul(gi[:, 2 * d :], rz[:, :d], gh[:, 2 * d :]))
-            x = torch.lerp(n, h[k], rz[:, d:])  # (1 - z) * n + z * h
-            states.append(x)
-        logits = torch.addmm(self.head[1], x, self.head[0])
-        return torch.log_softmax(logits, dim=-1), torch.stack(states)
 
 
 @torch.no_grad()
@@ -114,12 +74,12 @@ def generate(
         context = torch.tensor([START_BYTE, *prompt], dtype=torch.long, device=device)
         log_probs, h = model(context.unsqueeze(0).expand(num_samples, -1))  # the prompt, once
         log_probs = log_probs[:, -1]
-        step = ByteStepper(model)
+        step = Stepper(model)
         for i in range(length):
             byte = next_byte(log_probs, temperature, top_k, generator, top_p)  # (N,)
             yield byte
             if i + 1 < length:
-                log_probs, h = step(byte, h)
+                log_probs, h, _ = step(byte, h)
     finally:
         model.train(was_training)
 
@@ -173,7 +133,7 @@ class Conversation:
         self.model = model.eval()
         self.device = next(model.parameters()).device
         self.temperature, self.top_k, self.top_p, self.generator = temperature, top_k, top_p, generator
-        self.stepper = ByteStepper(model)
+        self.stepper = Stepper(model)
         self.h: Optional[torch.Tensor] = None  # None: nothing read yet
         self.log_probs = torch.empty(0)
 
@@ -193,7 +153,7 @@ class Conversation:
         tail = b""
         for _ in range(length):
             byte = next_byte(self.log_probs, self.temperature, self.top_k, self.generator, self.top_p)
-            self.log_probs, self.h = self.stepper(byte, self.h)
+            self.log_probs, self.h, _ = self.stepper(byte, self.h)
             b = int(byte[0])
             yield b
             if stop:

@@ -1,0 +1,71 @@
+"""One model step per byte: the one primitive that sampling, explain mode and the reading page
+step the model with. (N,) bytes and the state h (L, N, D) in; the log-probabilities of the next
+byte (N, 256) and the new state out, and, when asked, every layer's gates.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from charlm.model.gru import layer_weights, step_with_gates
+from charlm.model.network import CharLM
+
+
+class Stepper:
+    """Computes what CharLM.forward computes for a length-1 input, with less work per byte.
+
+    For nn.GRU the embedding and layer 0's input projection are folded into one (256, 3D) table
+    read by byte, weights are transposed once, and nothing is allocated for a time axis; the
+    reset-before cell steps through the model's own forward. With gates=True each layer is
+    stepped with charlm.model.gru.step_with_gates (the same maths, either cell), which also gives
+    its gates. Build it after the weights stop changing (it copies them).
+    """
+
+    def __init__(self, model: CharLM):
+        self.model = model
+        self.fast = isinstance(model.gru, torch.nn.GRU)
+        self.weights = [layer_weights(model.gru, k) for k in range(model.config.n_layers)]
+        if not self.fast:
+            return
+        w_ih, _, b_ih, _ = self.weights[0]
+        self.table = torch.addmm(b_ih, model.embed.weight, w_ih.t())  # (256, 3D): W_i x + b_i per byte
+        self.w_ih_t = [w[0].t().contiguous() for w in self.weights]
+        self.b_ih = [w[2] for w in self.weights]
+        # every layer's recurrent matmul needs only the previous state: one batched matmul for all
+        self.w_hh_t = torch.stack([w[1].t() for w in self.weights])  # (L, D, 3D)
+        self.b_hh = torch.stack([w[3] for w in self.weights]).unsqueeze(1)  # (L, 1, 3D)
+        self.head = (model.head.weight.t().contiguous(), model.head.bias)
+
+    def __call__(self, byte: torch.Tensor, h: torch.Tensor, gates: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor, Optional[dict[str, Any]]]:
+        """(log_probs (N, 256), new h (L, N, D), None or {"logits": (N, 256), "layers": one dict of
+        "h", "r", "z", "n" (each (N, D)) per layer}) after reading byte (N,) from state h."""
+        if gates:
+            return self._with_gates(byte, h)
+        if not self.fast:
+            log_probs, h = self.model(byte.unsqueeze(1), h)
+            return log_probs[:, -1], h, None
+        d = self.model.config.d_model
+        gh_all = torch.baddbmm(self.b_hh, h, self.w_hh_t)  # (L, N, 3D)
+        x = h.new_empty(0)
+        states = []
+        for k, gh in enumerate(gh_all):
+            gi = self.table[byte] if k == 0 else torch.addmm(self.b_ih[k], x, self.w_ih_t[k])
+            rz = torch.sigmoid(gi[:, : 2 * d] + gh[:, : 2 * d])
+            n = torch.tanh(torch.addcmul(gi[:, 2 * d :], rz[:, :d], gh[:, 2 * d :]))
+            x = torch.lerp(n, h[k], rz[:, d:])  # (1 - z) * n + z * h
+            states.append(x)
+        logits = torch.addmm(self.head[1], x, self.head[0])
+        return torch.log_softmax(logits, dim=-1), torch.stack(states), None
+
+    def _with_gates(self, byte: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        x = self.model.embed(byte)  # (N, D)
+        layers = []
+        for k, w in enumerate(self.weights):
+            g = step_with_gates(x, h[k], w, self.model.config.cell)
+            layers.append(g)
+            x = g["h"]
+        logits = self.model.head(x)
+        return torch.log_softmax(logits, dim=-1), torch.stack([g["h"] for g in layers]), {"logits": logits,
+                                                                                         "layers": layers}
