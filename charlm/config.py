@@ -104,7 +104,7 @@ class TrainConfig:
     device: str = setting("auto", "`auto` (CUDA when present, else CPU), `cpu`, `cuda`, `cuda:N`")
     precision: str = setting(
         "auto", "`fp32`, `bf16` (autocast), or `auto`: times a training step in both at start-up and"
-        " takes bf16 only where it is clearly faster (see [Precision](#precision))")
+        " takes bf16 only where it is clearly faster (see [precision](precision.md))")
     resume: Optional[str] = setting(None, "a run directory or `.pt` to continue", shown="none", path=True)
     init_from: Optional[str] = setting(
         None, "a run directory or `.pt` whose weights and model size a new run starts from (fine-tuning, from"
@@ -225,11 +225,12 @@ class SampleConfig:
     seed: Optional[int] = setting(None, "the same seed gives the same text", shown="random, printed")
     num_samples: int = setting(1, "write several samples at once (a batch)")
     device: str = setting("cpu", "`cpu`, `cuda`, `cuda:N` or `auto`; a model trained on a GPU samples on the CPU")
-    explain: bool = setting(False, "per byte: top 5 candidates and every layer's gates (see Inside the GRU)")
+    explain: bool = setting(
+        False, "per byte: top 5 candidates and every layer's gates (see [the GRU](gru.md#explain-mode))")
     explain_format: str = setting("text", "`text` or `json`")
     interactive: bool = setting(
         False, "write together: each line typed is added to the text and the model continues it for `length`"
-        " bytes; an empty line lets it go on; Ctrl-D ends (see Writing together)")
+        " bytes; an empty line lets it go on; Ctrl-D ends (see [sampling](sampling.md#writing-together))")
 
     def __post_init__(self) -> None:
         check_choice(self.explain_format, "explain_format", ("text", "json"))

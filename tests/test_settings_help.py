@@ -1,83 +1,50 @@
-"""Each setting's help is written once (charlm/config.py): --help prints it, and the README's tables
-of settings say the same words and the same defaults."""
+"""Each setting's help is written once (charlm/config.py): --help prints it, docs/settings.md is
+generated from it, and every command line the README and docs/ show uses settings that exist."""
 import re
-from dataclasses import asdict
-from pathlib import Path
 
 import pytest
-from test_configs import composed
 
-from charlm.commands.settings import settings_help, show_value
-from charlm.config import Config, EvaluateConfig, SampleConfig
-from conftest import run_cli
+from charlm.commands.reference import DEFAULT_OUT, ReferenceConfig, reference_text
+from charlm.commands.settings import path_keys, settings_help
+from charlm.config import BenchConfig, Config, ConvertConfig, DoctorConfig, EvaluateConfig, ExportConfig, SampleConfig
+from conftest import ROOT, run_cli
 
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-GROUPS = ("data", "recipe", "model")
-
-
-def readme_table(section: str) -> dict[str, tuple[str, str]]:
-    """{key: (default, meaning)} of the first key | default | meaning table under ## section."""
-    body = README.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
-    rows = re.findall(r"^\| `([^`]+)` \| (.*?) \| (.*) \|$", body, flags=re.M)
-    assert rows, f"no settings table under ## {section}"
-    return {key: (default, meaning) for key, default, meaning in rows}
+SCHEMAS = {"train.py": Config, "sample.py": SampleConfig, "evaluate.py": EvaluateConfig,
+           "charlm.export": ExportConfig, "charlm.convert": ConvertConfig, "charlm.bench": BenchConfig,
+           "charlm.doctor": DoctorConfig, "charlm.commands.reference": ReferenceConfig}
+GROUPS = {"train.py": ("data", "recipe", "model"), "evaluate.py": ("data",)}
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
-def flat(config, prefix=""):
-    out = {}
-    for key, value in asdict(config).items() if prefix == "" else config.items():
-        if isinstance(value, dict):
-            out.update(flat(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
+def test_the_settings_reference_is_what_the_code_declares():
+    assert DEFAULT_OUT.read_text(encoding="utf-8") == reference_text(), (
+        "docs/settings.md is out of date: run python -m charlm.commands.reference")
 
 
-def shown(value, help_default):
-    return help_default if value is None else show_value(value)
+def command_lines(text: str) -> list[str]:
+    """Every `python train.py ...`, `python -m charlm.X ...` line of a page's code."""
+    code = "\n".join(re.findall(r"^(?: {4}|\t)(.*)$", text, re.M) + re.findall(r"`([^`\n]+)`", text))
+    command = r"((?:train|sample|evaluate)\.py|charlm(?:\.\w+)+)"
+    return re.findall(r"python (?:-m )?(?:torch\.distributed\.run [^\n]*?)?" + command + r"((?: [^\s#|`]+)*)", code)
 
 
-@pytest.mark.parametrize("section,schema,skip", [
-    ("Changing the configuration", Config, ("data.name",)),  # set by the data= row
-    ("Sampling", SampleConfig, ()),
-    ("Evaluating a text", EvaluateConfig, ("data.",)),  # the data keys are in the training table
-])
-def test_readme_tables_match_the_declared_help(section, schema, skip):
-    table = readme_table(section)
-    declared = {key: (default, text) for key, default, text in settings_help(schema)}
-    wanted = {k for k in declared if not k.startswith(skip or ("\0",))}
-    assert wanted - set(table) == set(), f"settings missing from the README's {section} table"
-    assert set(table) - set(declared) - set(GROUPS) == set(), f"rows for settings that do not exist ({section})"
-    for key in wanted:
-        default, meaning = table[key]
-        assert meaning == declared[key][1], f"{key}: the README and charlm/config.py give different help"
-        first = default.split("; ")[0].replace("`", "")
-        assert first == declared[key][0].replace("`", ""), f"{key}: README default {default!r}"
-
-
-def test_training_table_gives_tiny_shakespeares_defaults_where_they_differ():
-    """`a; b` in the default column: a for The Time Machine, b for data=tinyshakespeare."""
-    table = readme_table("Changing the configuration")
-    help_defaults = {key: default for key, default, _ in settings_help(Config)}
-    tm, ts = flat(composed("train", [])), flat(composed("train", ["data=tinyshakespeare"]))
-    for key in tm:
-        if key in ("out_dir", "data.name"):
-            continue
-        cell = table[key][0].replace("`", "").split("; ")
-        expect = [shown(tm[key], help_defaults[key])]
-        if ts[key] != tm[key]:
-            expect.append(shown(ts[key], help_defaults[key]))
-        assert cell == expect, f"{key}: README says {table[key][0]!r}, the configs give {expect}"
-    for group in GROUPS:
-        for choice in table[group][0].replace("`", "").split("; "):
-            assert choice == "none" or (CONFIGS / group / f"{choice}.yaml").is_file(), (group, choice)
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_every_command_line_in_the_docs_uses_settings_that_exist(page):
+    lines = command_lines(page.read_text(encoding="utf-8"))
+    for command, args in lines:
+        schema = SCHEMAS[command]
+        keys = {key for key, _, _ in settings_help(schema)} | set(path_keys(schema)) | set(GROUPS.get(command, ()))
+        for arg in args.split():
+            key, sep, _ = arg.lstrip("+~").partition("=")
+            if not sep or arg.startswith("-") or key.startswith(("hydra.", '"', "'")):
+                continue
+            assert key in keys, f"{page.name}: `{command} ... {arg}`: {key} is not a setting of {command}"
 
 
 @pytest.mark.parametrize("command", ["train.py", "sample.py", "evaluate.py"])
 def test_help_lists_every_setting_with_its_help(tmp_path, command):
     out = run_cli(command, "--help", cwd=tmp_path).stdout
-    schema = {"train.py": Config, "sample.py": SampleConfig, "evaluate.py": EvaluateConfig}[command]
+    schema = SCHEMAS[command]
     assert out.startswith(f"python {command}:")
     for key, default, text in settings_help(schema):
         assert f"  {key}={default.replace('`', '')}\n" in out, key

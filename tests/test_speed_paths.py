@@ -9,9 +9,9 @@ import torch.nn.functional as F
 
 from charlm import CharLM, ModelConfig
 from charlm.checkpoint import load_checkpoint
-from charlm.model.stepping import Stepper
 from charlm.inference.scoring import evaluate_loss
 from charlm.model.fused_gru import can_fuse, fused_gru
+from charlm.model.stepping import Stepper
 from charlm.training.schedule import budget_lr_factor
 from conftest import TINY, run_cli
 
