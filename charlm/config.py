@@ -1,7 +1,7 @@
 """Every setting as plain dataclasses: Hydra checks overrides against them, the code reads them.
 
 Each setting is declared once, with its default and its help (`setting(...)`): `--help` prints
-that help, and a test checks the README's tables against it.
+that help, docs/settings.md is written from it, and a test holds that file to it.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from charlm.errors import CharlmError
 
 
 def setting(default: Any, help: str, shown: Optional[str] = None, path: bool = False) -> Any:
-    """A dataclass field with its help; `shown` is how --help and the README give a default that
+    """A dataclass field with its help; `shown` is how --help and docs/settings.md give a default that
     the code computes (None: "the newest run", a date in a path). A `path` setting names a file or
     directory: the commands take its value exactly as the shell passed it (see path_keys)."""
     metadata = {"help": help, **({"shown": shown} if shown else {}), **({"path": True} if path else {})}

@@ -1,4 +1,4 @@
-"""Resume does what the README says: the run's own command resumes it, every override takes
+"""Resume does what docs/resume.md says: the run's own command resumes it, every override takes
 effect or is refused, and a changed batch restarts the lanes instead of mixing up their states."""
 import signal
 import time

@@ -47,14 +47,14 @@ def settings_help(schema: type, prefix: str = "") -> list[tuple[str, str, str]]:
 
 
 def show_value(value: Any) -> str:
-    """A default as --help and the README write it: true/false, 0.003, 1e-05."""
+    """A default as --help and docs/settings.md write it: true/false, 0.003, 1e-05."""
     if isinstance(value, bool):
         return str(value).lower()
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _plain(markdown: str) -> str:
-    """README markdown as terminal text: no backticks, a link as its words."""
+    """Help markdown as terminal text: no backticks, a link as its words."""
     return re.sub(r"\[([^\]]+)\]\([^)]+\)", r"\1", markdown).replace("`", "")
 
 

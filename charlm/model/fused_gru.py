@@ -98,7 +98,7 @@ def fused_gru(gru: nn.GRU, x: torch.Tensor, h0: torch.Tensor | None) -> tuple[to
 def can_fuse(gru: nn.Module, x: torch.Tensor) -> bool:
     """True where fused_gru is used: training an nn.GRU on CPU in float32 outside autocast, run
     eagerly (export, tracing and torch.compile see nn.GRU itself). Without gradients (evaluation,
-    evaluate.py) nn.GRU's own C++ loop is faster (README, Speed)."""
+    evaluate.py) nn.GRU's own C++ loop is faster (docs/speed.md)."""
     if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or torch.compiler.is_compiling():
         return False
     return (
