@@ -8,9 +8,15 @@ import runpy
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+
+from charlm.config import ModelConfig
+from charlm.model.network import CharLM
 
 ROOT = Path(__file__).resolve().parents[1]
 # The reference corpora live beside the project (../shared/data); tests never download them.
@@ -93,17 +99,86 @@ def _run_here(script: str, args: tuple[str, ...], cwd: Path) -> subprocess.Compl
     return subprocess.CompletedProcess(argv, status, out.getvalue(), err.getvalue())
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """One tiny run (32x2, 40 steps on small_text() as notes.txt), trained once per test session for
+    the command tests that only read a trained model: copy it (copy_run), never write into it."""
+    work = tmp_path_factory.mktemp("tiny_run")
+    (work / "notes.txt").write_text(small_text(), encoding="utf-8")
+    run_cli("train.py", "data=text", "data.path=notes.txt", *TINY, "model.n_layers=2", "train.max_steps=40",
+            "train.eval_every=20", "out_dir=run", cwd=work)
+    return work / "run"
+
+
+def copy_run(run: Path, work: Path, name: str) -> Path:
+    """A copy of a trained run as work/name, with its text (notes.txt) beside it in work."""
+    shutil.copytree(run, work / name)
+    if not (work / "notes.txt").exists():
+        shutil.copy(run.parent / "notes.txt", work / "notes.txt")
+    return work / name
+
+
 TINY = ("model.d_model=32", "model.n_layers=1", "train.batch_size=8", "train.seq_len=32", "train.precision=fp32",
         "train.log_every=5", "train.sample_length=20", "train.warmup_steps=5")
 
 
 def pytest_collection_modifyitems(config, items):
     """Tests marked cuda skip, not fail, where there is no GPU (they run wherever there is one)."""
-    import torch
-
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU; this machine has none")
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+# --- helpers the test modules share (no test module imports another) ---------------------------
+
+
+def small_model(**kw) -> CharLM:
+    torch.manual_seed(0)
+    return CharLM(ModelConfig(d_model=kw.get("d", 16), n_layers=kw.get("layers", 2), dropout=0.0)).eval()
+
+
+def random_model(cell: str, d: int = 12, layers: int = 2) -> CharLM:
+    torch.manual_seed(0)
+    model = CharLM(ModelConfig(d_model=d, n_layers=layers, cell=cell)).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():  # larger weights than the default init: gates far from 0.5
+            p.normal_(0, 0.8)
+    return model
+
+
+def numpy_params(model: CharLM) -> dict:
+    return {k: v.detach().numpy() for k, v in model.state_dict().items()}
+
+
+def random_keras_weights(d, layers, reset_after, seed=0):
+    rng = np.random.default_rng(seed)
+    w = [rng.normal(0, 0.5, (256, d))]
+    for _ in range(layers):
+        w += [rng.normal(0, 0.5, (d, 3 * d)), rng.normal(0, 0.5, (d, 3 * d)),
+              rng.normal(0, 0.5, (2, 3 * d) if reset_after else (3 * d,))]
+    return [a.astype(np.float32) for a in w + [rng.normal(0, 0.5, (d, 256)), rng.normal(0, 0.5, 256)]]
+
+
+def start_training(cwd: Path, *args: str, stdout: int = subprocess.PIPE) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env,
+                            stdout=stdout, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    end = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < end, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def scalars(run_dir: Path, tag: str) -> list:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]

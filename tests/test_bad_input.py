@@ -6,7 +6,7 @@ import torch
 
 from charlm import load_model
 from charlm.inference.sampling import sample_text
-from conftest import TINY, run_cli
+from conftest import TINY, run_cli, small_text
 
 
 def assert_one_line_error(proc, *words):
@@ -114,7 +114,7 @@ class Evil:
 @pytest.fixture(scope="module")
 def bad_checkpoints(tmp_path_factory):
     work = tmp_path_factory.mktemp("checkpoints")
-    (work / "notes.txt").write_text(__import__("conftest").small_text(), encoding="utf-8")
+    (work / "notes.txt").write_text(small_text(), encoding="utf-8")
     torch.save({"model": Evil()}, work / "evil.pt")
     (work / "notes.pt").write_text("just some text")
     torch.save({"weights": torch.ones(3)}, work / "other.pt")

@@ -10,16 +10,7 @@ import torch
 from charlm.checkpoint import load_model, model_from_state
 from charlm.interop.convert import from_keras, from_trax, to_keras
 from charlm.model.reference import gru_step
-from conftest import ROOT, run_cli
-
-
-def random_keras_weights(d, layers, reset_after, seed=0):
-    rng = np.random.default_rng(seed)
-    w = [rng.normal(0, 0.5, (256, d))]
-    for _ in range(layers):
-        w += [rng.normal(0, 0.5, (d, 3 * d)), rng.normal(0, 0.5, (d, 3 * d)),
-              rng.normal(0, 0.5, (2, 3 * d) if reset_after else (3 * d,))]
-    return [a.astype(np.float32) for a in w + [rng.normal(0, 0.5, (d, 256)), rng.normal(0, 0.5, 256)]]
+from conftest import ROOT, random_keras_weights, run_cli
 
 
 def log_probs(state, tokens):

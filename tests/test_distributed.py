@@ -68,6 +68,7 @@ def test_each_rank_has_its_own_dropout_stream():
 
 
 
+@pytest.mark.system
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path, text_file):
     args = ("data=text", f"data.path={text_file}", *ARGS)
@@ -88,6 +89,7 @@ def test_two_processes_match_one(tmp_path, text_file):
     assert "resumed from step 12" in proc.stdout
 
 
+@pytest.mark.system
 @pytest.mark.slow
 def test_with_dropout_each_rank_draws_its_own_masks_and_the_weights_stay_identical(tmp_path, text_file):
     proc = torchrun(tmp_path, "data=text", f"data.path={text_file}", *ARGS, "model.n_layers=2",
@@ -98,6 +100,7 @@ def test_with_dropout_each_rank_draws_its_own_masks_and_the_weights_stay_identic
     assert len(ranks) == 2 and not torch.equal(ranks[0]["torch"], ranks[1]["torch"])
 
 
+@pytest.mark.system
 @pytest.mark.slow
 def test_two_processes_stop_together_on_a_time_budget(tmp_path, text_file):
     proc = torchrun(tmp_path, "data=text", f"data.path={text_file}", *ARGS, "train.max_seconds=5",
@@ -111,6 +114,7 @@ def test_two_processes_stop_together_on_a_time_budget(tmp_path, text_file):
     assert state["step"] > 12 and 3 < state["seconds"] < 6.5  # the budget, not train.max_steps, ended it
 
 
+@pytest.mark.system
 def test_sweep_gives_one_run_per_job(tmp_path, text_file):
     proc = run_cli("train.py", "-m", "model.d_model=16,24", "data=text", f"data.path={text_file}",
                    *TINY[1:], "train.max_steps=4", "train.eval_every=4", cwd=tmp_path)

@@ -1,9 +1,11 @@
 """python -m charlm.doctor: every path this machine offers, as a matrix a user can read."""
+import pytest
 import torch
 
 from conftest import run_cli
 
 
+@pytest.mark.system
 def test_doctor_runs_every_path_here_and_says_what_it_cannot(tmp_path):
     proc = run_cli("-m", "charlm.doctor", cwd=tmp_path)
     out = proc.stdout

@@ -8,16 +8,14 @@ import torch.nn.functional as F
 
 from charlm import load_model
 from charlm.data.tokenizer import START_BYTE
-from conftest import TINY, run_cli
+from conftest import TINY, copy_run, run_cli
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, tiny_run):
     tmp = tmp_path_factory.mktemp("eval")
-    (tmp / "notes.txt").write_text(__import__("conftest").small_text(), encoding="utf-8")
+    copy_run(tiny_run, tmp, "run")
     (tmp / "other.txt").write_text("the old fox crossed the lawn at noon; café.\n" * 40, encoding="utf-8")
-    run_cli("train.py", "data=text", "data.path=notes.txt", *TINY, "train.max_steps=30",
-            "train.eval_every=30", "out_dir=run", cwd=tmp)
     # like Tiny Shakespeare: train and val only, no test split
     run_cli("train.py", "data=text", "data.path=notes.txt", "data.train_frac=0.9", "data.val_frac=0.1", *TINY,
             "train.max_steps=2", "train.eval_every=2", "out_dir=no_test", cwd=tmp)

@@ -7,7 +7,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ from charlm.checkpoint import load_checkpoint
 from charlm.errors import CharlmError
 from charlm.files import atomic_write
 from charlm.training.rundir import LOCK_NAME, RunLock
-from conftest import ROOT, TINY, run_cli, small_text
+from conftest import ROOT, TINY, run_cli, small_text, start_training, wait_for
 
 ARGS = ("data=text", "data.path=notes.txt", *TINY)
 ODD = "Wells' \"Time\" (1895), a=b <i>&amp; é"  # a quote, a parenthesis, a comma, =, markup, non-ASCII
@@ -40,20 +39,6 @@ def steps_held(run: Path) -> dict:
 
 def leftovers(run: Path) -> list:
     return sorted(p.name for p in run.glob("*.tmp"))
-
-
-def start_training(cwd: Path, *args: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
-    end = time.time() + timeout
-    while not path.exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() < end, f"{path} never appeared"
-        time.sleep(0.05)
 
 
 @pytest.fixture
@@ -111,8 +96,10 @@ def test_overwrite_deletes_nothing_when_the_new_run_cannot_start(work):
     assert steps_held(work / "run") == {"last.pt": 3, "best.pt": 3}
 
 
+@pytest.mark.system
 def test_a_second_writer_is_refused_while_readers_are_not(work):
-    first = start_training(work, *ARGS, "train.max_steps=100000", "train.eval_every=20", "out_dir=live")
+    first = start_training(work, *ARGS, "train.max_steps=100000", "train.eval_every=20", "out_dir=live",
+                           stdout=subprocess.DEVNULL)
     try:
         wait_for(work / "live" / "last.pt", first)
         second = run_cli("train.py", *ARGS, "train.resume=live", cwd=work, check=False)
@@ -202,8 +189,10 @@ def test_an_unwritable_directory_stops_in_one_line(work):
     one_error_line(new, "Permission denied")
 
 
+@pytest.mark.system
 def test_a_run_directory_removed_during_training_stops_in_one_line(work):
-    proc = start_training(work, *ARGS, "train.max_steps=100000", "train.eval_every=3", "out_dir=gone")
+    proc = start_training(work, *ARGS, "train.max_steps=100000", "train.eval_every=3", "out_dir=gone",
+                          stdout=subprocess.DEVNULL)
     wait_for(work / "gone" / "last.pt", proc)
     os.rename(work / "gone", work / "moved")  # the directory vanishes from under the run
     out, err = proc.communicate(timeout=120)

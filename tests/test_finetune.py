@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from test_convert import random_keras_weights
 
 from charlm.checkpoint import load_checkpoint, save_checkpoint
 from charlm.interop.convert import from_keras
-from conftest import TINY, run_cli, small_text
+from conftest import TINY, random_keras_weights, run_cli, small_text
 
 QUICK = (*TINY, "train.warmup_steps=2", "train.eval_bytes=0")
 

@@ -1,11 +1,7 @@
 import torch
 
 from charlm import CharLM, ModelConfig
-
-
-def small_model(**kw) -> CharLM:
-    torch.manual_seed(0)
-    return CharLM(ModelConfig(d_model=kw.get("d", 16), n_layers=kw.get("layers", 2), dropout=0.0)).eval()
+from conftest import small_model
 
 
 def test_shapes_and_log_probs_sum_to_one():

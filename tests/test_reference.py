@@ -6,19 +6,7 @@ import torch
 from charlm import CharLM, ModelConfig
 from charlm.model.gru import layer_weights, step_with_gates
 from charlm.model.reference import flip_update_gate, gru_layer, gru_step, language_model
-
-
-def random_model(cell: str, d: int = 12, layers: int = 2) -> CharLM:
-    torch.manual_seed(0)
-    model = CharLM(ModelConfig(d_model=d, n_layers=layers, cell=cell)).double().eval()
-    with torch.no_grad():
-        for p in model.parameters():  # larger weights than the default init: gates far from 0.5
-            p.normal_(0, 0.8)
-    return model
-
-
-def numpy_params(model: CharLM) -> dict:
-    return {k: v.detach().numpy() for k, v in model.state_dict().items()}
+from conftest import numpy_params, random_model
 
 
 @pytest.mark.parametrize("cell", ["reset_after", "reset_before"])

@@ -10,7 +10,7 @@ import pytest
 
 from charlm.checkpoint import load_checkpoint
 from charlm.model.reference import gru_step, language_model
-from conftest import TINY, run_cli, small_text
+from conftest import copy_run, run_cli, small_text
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # a quotation, a line break, a tab, a bell (control byte), an invalid byte, a two-byte character
@@ -18,11 +18,9 @@ ODD = b'he said "a bell\x07 rang" (twice)\n\tthen \xff caf\xc3\xa9.\n'
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, tiny_run):
     work = tmp_path_factory.mktemp("page")
-    (work / "notes.txt").write_text(small_text(), encoding="utf-8")
-    run_cli("train.py", "data=text", "data.path=notes.txt", *TINY, "model.n_layers=2", "train.max_steps=40",
-            "train.eval_every=40", "out_dir=run", cwd=work)
+    copy_run(tiny_run, work, "run")
     (work / "odd.txt").write_bytes(ODD * 3)
     return work
 
@@ -79,6 +77,7 @@ def test_long_text_is_cut_and_says_so(trained):
     assert bad.returncode == 1 and "html=nowhere/x.html" in bad.stderr and not (trained / "nowhere").exists()
 
 
+@pytest.mark.system
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium: apt-get install chromium")
 def test_page_renders_in_chromium(trained):
     """What a user sees: the text built byte by byte, the evaluator's figure, odd bytes made visible."""
@@ -106,6 +105,7 @@ def test_page_renders_in_chromium(trained):
     assert shot.stat().st_size > 10_000
 
 
+@pytest.mark.system
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium: apt-get install chromium")
 def test_markup_in_a_file_name_or_the_text_is_shown_not_parsed(trained):
     odd = "run <i>x</i> & 'q'"

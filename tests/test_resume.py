@@ -1,15 +1,15 @@
 """Resume does what docs/resume.md says: the run's own command resumes it, every override takes
 effect or is refused, and a changed batch restarts the lanes instead of mixing up their states."""
+import shutil
 import signal
 import time
 
 import pytest
 import torch
-from test_robustness import scalars, start_training, wait_for
 
 from charlm.checkpoint import load_checkpoint
 from charlm.training.schedule import lr_factor
-from conftest import TINY, run_cli
+from conftest import ROOT, TINY, run_cli, scalars, small_text, start_training, wait_for
 
 RUN = ("data=text", "data.path=notes.txt", *TINY, "model.n_layers=2", "out_dir=run")
 
@@ -33,6 +33,7 @@ def wait_past(path, step, proc, timeout=120):
         time.sleep(0.1)
 
 
+@pytest.mark.system
 def test_the_runs_own_command_resumes_after_kill_9_then_stops_on_ctrl_c(work):
     command = (*RUN, "train.max_steps=100000", "train.eval_every=5")
     proc = start_training(work, *command)
@@ -88,3 +89,15 @@ def test_repeating_the_runs_group_choices_is_accepted(work):
                    "train.max_steps=6", "train.eval_every=2", "train.resume=run", cwd=work)
     assert "resumed from step 4" in proc.stdout
     assert torch.is_tensor(load_checkpoint(work / "run" / "last.pt")["hidden"])
+
+
+def test_a_checkpoint_written_by_earlier_code_loads_resumes_and_samples(tmp_path):
+    """tests/data/checkpoint_cb2759b.pt: 4 steps of an 8x1 model, written by charlm at cb2759b
+    (before the command layer and the folders), with notes.txt as its text."""
+    shutil.copy(ROOT / "tests" / "data" / "checkpoint_cb2759b.pt", tmp_path / "old.pt")
+    (tmp_path / "notes.txt").write_text(small_text(), encoding="utf-8")
+    wrote = run_cli("sample.py", "checkpoint=old.pt", "prompt=the", "length=8", "seed=0", cwd=tmp_path)
+    assert wrote.stdout.startswith("the") and "step 4" in wrote.stderr
+    resumed = run_cli("train.py", "train.resume=old.pt", "train.max_steps=6", cwd=tmp_path)
+    assert "resumed from step 4" in resumed.stdout
+    assert load_checkpoint(tmp_path / "old" / "last.pt")["step"] == 6  # the run's own out_dir, as saved

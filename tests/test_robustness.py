@@ -1,5 +1,4 @@
 """Lose nothing: crash safety, bit-exact resume, graceful stop, non-finite losses."""
-import os
 import signal
 import subprocess
 import sys
@@ -10,37 +9,16 @@ import pytest
 import torch
 
 from charlm.checkpoint import load_checkpoint
-from conftest import ROOT, TINY, run_cli
+from conftest import ROOT, TINY, run_cli, scalars, start_training, wait_for
 
 ARGS = ("data=text", "data.path=notes.txt", *TINY, "model.n_layers=2", "model.dropout=0.1")
-
-
-def start_training(cwd: Path, *args: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
-    end = time.time() + timeout
-    while not path.exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() < end, f"{path} never appeared"
-        time.sleep(0.05)
 
 
 def model_tensors(path: Path) -> dict:
     return load_checkpoint(path)["model"]
 
 
-def scalars(run_dir: Path, tag: str) -> list:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(run_dir))
-    acc.Reload()
-    return [(e.step, e.value) for e in acc.Scalars(tag)]
-
-
+@pytest.mark.system
 @pytest.mark.parametrize("batching", ["stream", pytest.param("random", marks=pytest.mark.slow)])
 def test_stop_and_resume_is_bit_exact(tmp_path, text_file, batching):
     args = (*ARGS, f"data.path={text_file}", f"train.batching={batching}", "train.max_steps=40",
@@ -65,6 +43,7 @@ def test_stop_and_resume_is_bit_exact(tmp_path, text_file, batching):
         assert one == two
 
 
+@pytest.mark.system
 def test_ctrl_c_saves_and_exits_130(tmp_path, text_file):
     proc = start_training(tmp_path, *ARGS, f"data.path={text_file}", "train.max_steps=100000",
                           "train.eval_every=5", "out_dir=run")
@@ -76,6 +55,7 @@ def test_ctrl_c_saves_and_exits_130(tmp_path, text_file):
     assert load_checkpoint(tmp_path / "run" / "last.pt")["step"] >= 5
 
 
+@pytest.mark.system
 @pytest.mark.slow
 def test_kill_9_at_any_moment_leaves_loadable_checkpoints(tmp_path, text_file):
     """Kill a real run at several points (checkpoints are written every step, so some kills land

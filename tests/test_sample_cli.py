@@ -3,15 +3,14 @@ import pytest
 
 from charlm import load_model
 from charlm.inference.sampling import sample_text
-from conftest import TINY, run_cli, small_text
+from conftest import ROOT, copy_run, run_cli
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
+def workdir(tmp_path_factory, tiny_run):
     tmp = tmp_path_factory.mktemp("sample")
-    (tmp / "notes.txt").write_text(small_text(), encoding="utf-8")
-    run_cli("train.py", "data=text", "data.path=notes.txt", *TINY, "train.max_steps=20",
-            "train.eval_every=20", "out_dir=runs/text/first", cwd=tmp)
+    (tmp / "runs" / "text").mkdir(parents=True)
+    copy_run(tiny_run, tmp, "runs/text/first")
     return tmp
 
 
@@ -74,7 +73,6 @@ def interactive(workdir, typed: str, *args: str):
     import subprocess
     import sys
 
-    from conftest import ROOT
     env = {**os.environ, "PYTHONIOENCODING": "utf-8", "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, str(ROOT / "sample.py"), "interactive=true", *args], input=typed,
                           cwd=workdir, env=env, capture_output=True, text=True, encoding="utf-8", timeout=120)

@@ -27,6 +27,7 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.system
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium: apt-get install chromium")
 def test_time_series_tab_opens_on_the_training_curves(tmp_path, text_file):
     run_cli("train.py", "data=text", f"data.path={text_file}", *TINY, "train.max_steps=6", "train.eval_every=3",

@@ -7,22 +7,14 @@ import yaml
 
 from charlm import load_model
 from charlm.checkpoint import load_checkpoint
-from conftest import TINY, run_cli
-
-
-def event_scalars(run_dir, tag):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(run_dir))
-    acc.Reload()
-    return [(e.step, e.value) for e in acc.Scalars(tag)]
+from conftest import TINY, run_cli, scalars, small_text
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One tiny 60-step run on a small text file, shared by the tests below."""
     tmp = tmp_path_factory.mktemp("run")
-    (tmp / "notes.txt").write_text(__import__("conftest").small_text(), encoding="utf-8")
+    (tmp / "notes.txt").write_text(small_text(), encoding="utf-8")
     proc = run_cli("train.py", "data=text", "data.path=notes.txt", *TINY, "train.max_steps=60",
                    "train.eval_every=20", "train.lr=1e-2", "out_dir=runs/tiny", cwd=tmp)
     return tmp, tmp / "runs" / "tiny", proc
@@ -44,16 +36,16 @@ def test_run_writes_config_checkpoints_and_events(trained):
     assert list(run.glob("events.out.tfevents.*"))
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert cfg["model"]["d_model"] == 32 and cfg["data"]["path"] == "notes.txt"
-    assert [s for s, _ in event_scalars(run, "val/loss")] == [20, 40, 60]
+    assert [s for s, _ in scalars(run, "val/loss")] == [20, 40, 60]
     for tag in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_sec", "val/perplexity", "val/bpb"):
-        assert event_scalars(run, tag), tag
+        assert scalars(run, tag), tag
 
 
 def test_loss_drops(trained):
     _, run, _ = trained
-    train_loss = event_scalars(run, "train/loss")
+    train_loss = scalars(run, "train/loss")
     assert train_loss[-1][1] < train_loss[0][1] - 1.0
-    val = [v for _, v in event_scalars(run, "val/loss")]
+    val = [v for _, v in scalars(run, "val/loss")]
     assert val[-1] < val[0]
 
 
@@ -72,7 +64,7 @@ def test_checkpoints_are_plain_data(trained):
     model = load_model(run)
     assert not model.training and next(model.parameters()).device.type == "cpu"
     assert load_checkpoint(run / "best.pt")["best_val_loss"] == pytest.approx(
-        min(v for _, v in event_scalars(run, "val/loss")))
+        min(v for _, v in scalars(run, "val/loss")))
 
 
 def test_resume_continues_step_count(tmp_path, text_file):
@@ -81,7 +73,7 @@ def test_resume_continues_step_count(tmp_path, text_file):
     proc = run_cli("train.py", "train.resume=halves", "train.max_steps=30", cwd=tmp_path)
     assert "resumed from step 10" in proc.stdout
     assert load_checkpoint(tmp_path / "halves" / "last.pt")["step"] == 30
-    assert [s for s, _ in event_scalars(tmp_path / "halves", "val/loss")] == [10, 20, 30]
+    assert [s for s, _ in scalars(tmp_path / "halves", "val/loss")] == [10, 20, 30]
 
 
 def test_typo_in_override_fails_with_clear_message(tmp_path):
