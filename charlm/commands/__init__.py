@@ -7,7 +7,7 @@ or sets an exit status; `run` is where a CharlmError becomes its one line and st
 from __future__ import annotations
 
 import sys
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from charlm.errors import CharlmError
 
@@ -28,3 +28,46 @@ def exit_on_error(body: Callable[[], Optional[int]]) -> None:
     status = run(body)
     if status:
         sys.exit(status)
+
+
+def run_composed(config_name: str, argv: list[str], usage: str,
+                 body: Callable[[Any, list[str], Optional[str]], Optional[int]]) -> None:
+    """train.py, sample.py and evaluate.py: argv's config composed once and body(cfg, overrides,
+    sweep_dir) run on it, then exit with its status. Where argv holds Hydra's own flags (-m sweeps,
+    --cfg, ...) @hydra.main composes instead, and sweep_dir is a sweep job's own directory."""
+    from charlm.commands.settings import CONFIG_DIR, compose
+
+    composed = None
+
+    def plain() -> Optional[int]:
+        nonlocal composed
+        composed = compose(config_name, argv, usage)
+        return None if composed is None else body(composed, argv[1:], None)
+
+    exit_on_error(plain)
+    if composed is not None:
+        return
+    import hydra
+
+    def task(cfg: Any) -> None:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hydra_cfg = HydraConfig.get()
+        sweep_dir = hydra_cfg.runtime.output_dir if hydra_cfg.mode == RunMode.MULTIRUN else None
+        exit_on_error(lambda: body(cfg, list(hydra_cfg.overrides.task), sweep_dir))
+
+    hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=config_name)(task)()
+
+
+def run_tool(schema: type, argv: list[str], usage: str, body: Callable[[Any], Optional[int]],
+             error_status: int = 1) -> int:
+    """A `python -m charlm.<tool>`: its key=value settings parsed into schema and body run with them
+    (nothing after --help); the exit status."""
+    from charlm.commands.settings import parse_settings
+
+    def go() -> Optional[int]:
+        cfg = parse_settings(schema, argv, usage)
+        return None if cfg is None else body(cfg)
+
+    return run(go, error_status)

@@ -151,15 +151,12 @@ def bench_sampling(args: BenchConfig, device: torch.device) -> list[str]:
 
 def main(argv: list[str]) -> int:
     """`python -m charlm.bench [key=value ...]`: the exit status."""
-    from charlm.commands import run
-    from charlm.commands.settings import parse_settings
+    from charlm.commands import run_tool
 
-    return run(lambda: _bench(parse_settings(BenchConfig, argv, __doc__)))
+    return run_tool(BenchConfig, argv, __doc__, _bench)
 
 
-def _bench(args: BenchConfig | None) -> int:
-    if args is None:  # --help
-        return 0
+def _bench(args: BenchConfig) -> int:
     device = resolve_device(args.device)
     cpu = platform.processor() or platform.machine()
     try:

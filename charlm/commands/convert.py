@@ -5,13 +5,7 @@
 
 The other way: python -m charlm.export checkpoint=RUN format=keras.
 
-The Keras model is Embedding(256, d) -> GRU(d, return_sequences=True) x n -> Dense(256), given as a
-`.weights.h5` file or an `.npz` of `model.get_weights()`. Keras keeps gates in the order z, r, h
-in `kernel` (in, 3U) and `recurrent_kernel` (U, 3U); with reset_after=True its `bias` is (2, 3U)
-= [input; recurrent] and the maths is PyTorch's (-> model.cell=reset_after); with
-reset_after=False the bias is (3U,) and the reset gate acts before the recurrent matmul
-(-> model.cell=reset_before). Trax's GRUCell is reset-before too: w1 (in+U, 2U) [update; reset],
-b1 (2U,), w2 (in+U, U), b2 (U,). The result is an ordinary charlm checkpoint.
+The weight layouts each library uses, and how they map to charlm's: charlm/interop/convert.py.
 """
 from __future__ import annotations
 
@@ -28,15 +22,9 @@ from charlm.interop.convert import NOT_EQUIVALENT, from_keras, from_trax, read_k
 
 def main(argv: list[str]) -> int:
     """`python -m charlm.convert format=keras|trax weights=FILE out=FILE.pt [reset_after=...]`: the exit status."""
-    from charlm.commands import run
-    from charlm.commands.settings import parse_settings
+    from charlm.commands import run_tool
 
-    def body() -> None:
-        cfg = parse_settings(ConvertConfig, argv, __doc__)
-        if cfg is not None:
-            _convert_command(cfg)
-
-    return run(body)
+    return run_tool(ConvertConfig, argv, __doc__, _convert_command)
 
 
 def _convert_command(cfg: ConvertConfig) -> None:

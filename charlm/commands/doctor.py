@@ -112,17 +112,12 @@ def _row(label: str, fn: Callable[[], str]) -> tuple[bool, str]:
 
 def main(argv: list[str]) -> int:
     """`python -m charlm.doctor`: the exit status (1 if any path failed; 2 for a bad argument)."""
-    from charlm.commands import run
-    from charlm.commands.settings import parse_settings
+    from charlm.commands import run_tool
 
-    if run(lambda: parse_settings(DoctorConfig, argv, __doc__) or 0, error_status=2) == 2:
-        return 2
-    if any(a in ("-h", "--help") for a in argv):
-        return 0
-    return _doctor()
+    return run_tool(DoctorConfig, argv, __doc__, _doctor, error_status=2)
 
 
-def _doctor() -> int:
+def _doctor(_: DoctorConfig) -> int:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                "CPU") if Path("/proc/cpuinfo").exists() else "CPU"
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0

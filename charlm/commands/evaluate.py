@@ -19,25 +19,9 @@ EVALUATE_SEQ_LEN = 512  # bytes per window for evaluate.py (one stream: the wind
 
 def main(argv: list[str], usage: str, raw: dict[str, str]) -> None:
     """`python evaluate.py`: raw holds the file names exactly as typed."""
-    from charlm.commands import exit_on_error
-    from charlm.commands.settings import compose
+    from charlm.commands import run_composed
 
-    cfg = None
-
-    def body() -> None:
-        nonlocal cfg
-        cfg = compose("evaluate", argv, usage)
-        if cfg is not None:
-            run_evaluate(cfg, argv[1:], raw)
-
-    exit_on_error(body)
-    if cfg is None:  # Hydra's own flags
-        from hydra.core.hydra_config import HydraConfig
-
-        from charlm.commands.train import _hydra_app
-
-        _hydra_app("evaluate", lambda c: exit_on_error(
-            lambda: run_evaluate(c, list(HydraConfig.get().overrides.task), raw)))
+    run_composed("evaluate", argv, usage, lambda cfg, overrides, sweep_dir: run_evaluate(cfg, overrides, raw))
 
 
 def run_evaluate(cfg: DictConfig, overrides: list[str], raw: dict[str, str]) -> None:

@@ -22,15 +22,9 @@ from charlm.config import ExportConfig
 
 def main(argv: list[str]) -> int:
     """`python -m charlm.export checkpoint=... [format=onnx|keras] [out=...]`: the exit status."""
-    from charlm.commands import run
-    from charlm.commands.settings import parse_settings
+    from charlm.commands import run_tool
 
-    def body() -> None:
-        cfg = parse_settings(ExportConfig, argv, __doc__)
-        if cfg is not None:
-            _export_command(cfg)
-
-    return run(body)
+    return run_tool(ExportConfig, argv, __doc__, _export_command)
 
 
 def _export_command(cfg: ExportConfig) -> None:

@@ -98,17 +98,14 @@ def _code(default: str) -> str:
 
 def main(argv: list[str]) -> int:
     """Write the reference; the exit status."""
-    from charlm.commands import run
-    from charlm.commands.settings import parse_settings
+    from charlm.commands import run_tool
 
-    def body() -> None:
-        cfg = parse_settings(ReferenceConfig, argv, __doc__)
-        if cfg is not None:
-            out = Path(cfg.out or DEFAULT_OUT)
-            out.write_text(reference_text(), encoding="utf-8")
-            print(f"wrote {out}")
+    def write(cfg: ReferenceConfig) -> None:
+        out = Path(cfg.out or DEFAULT_OUT)
+        out.write_text(reference_text(), encoding="utf-8")
+        print(f"wrote {out}")
 
-    return run(body)
+    return run_tool(ReferenceConfig, argv, __doc__, write)
 
 
 if __name__ == "__main__":

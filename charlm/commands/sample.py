@@ -15,22 +15,9 @@ from charlm.errors import CharlmError
 
 def main(argv: list[str], usage: str, raw: dict[str, str]) -> None:
     """`python sample.py`: raw holds the prompt, stop text and file names exactly as typed."""
-    from charlm.commands import exit_on_error
-    from charlm.commands.settings import compose
+    from charlm.commands import run_composed
 
-    cfg = None
-
-    def body() -> None:
-        nonlocal cfg
-        cfg = compose("sample", argv, usage)
-        if cfg is not None:
-            run_sample(cfg, raw)
-
-    exit_on_error(body)
-    if cfg is None:  # Hydra's own flags
-        from charlm.commands.train import _hydra_app
-
-        _hydra_app("sample", lambda c: exit_on_error(lambda: run_sample(c, raw)))
+    run_composed("sample", argv, usage, lambda cfg, overrides, sweep_dir: run_sample(cfg, raw))
 
 
 def run_sample(cfg: DictConfig, raw: dict[str, str]) -> None:

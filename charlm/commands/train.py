@@ -6,7 +6,6 @@ training.loop.train(config, out_dir, report=TrainReport()) -> Trainer.run() -> a
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -127,39 +126,8 @@ def _parsed(overrides: list[str]) -> list[Any]:
     return OverridesParser.create().parse_overrides(overrides)
 
 
-def hydra_main(cfg: DictConfig, raw: dict[str, str]) -> None:
-    """@hydra.main's task (sweeps with -m, and Hydra's other flags): the same body as a plain run."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    from charlm.commands import exit_on_error
-
-    hydra_cfg = HydraConfig.get()
-    sweep_dir = hydra_cfg.runtime.output_dir if hydra_cfg.mode == RunMode.MULTIRUN else None
-    exit_on_error(lambda: run_train(cfg, list(hydra_cfg.overrides.task), raw, sweep_dir))
-
-
 def main(argv: list[str], usage: str, raw: dict[str, str]) -> None:
-    """`python train.py`: composed once here, or by @hydra.main where argv holds Hydra's flags."""
-    from charlm.commands import exit_on_error
-    from charlm.commands.settings import compose
+    """`python train.py`: raw holds the file-name settings exactly as typed."""
+    from charlm.commands import run_composed
 
-    cfg = None
-
-    def body() -> int:
-        nonlocal cfg
-        cfg = compose("train", argv, usage)
-        return run_train(cfg, argv[1:], raw) if cfg is not None else 0
-
-    exit_on_error(body)
-    if cfg is None:
-        sys.exit(_hydra_app("train", lambda c: hydra_main(c, raw)))
-
-
-def _hydra_app(config_name: str, task: Any) -> int:
-    import hydra
-
-    from charlm.commands.settings import CONFIG_DIR
-
-    hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=config_name)(task)()
-    return 0
+    run_composed("train", argv, usage, lambda cfg, overrides, sweep_dir: run_train(cfg, overrides, raw, sweep_dir))
