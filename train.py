@@ -11,8 +11,8 @@ import sys
 
 from charlm.commands import train as command
 from charlm.commands.settings import pop_raw_args
-from charlm.config import Config, path_keys
+from charlm.config import RunConfig, path_keys
 
 if __name__ == "__main__":
-    raw = pop_raw_args(sys.argv, path_keys(Config))  # file names, as the shell passed them
+    raw = pop_raw_args(sys.argv, path_keys(RunConfig))  # file names, as the shell passed them
     command.main(sys.argv, __doc__, raw)

@@ -103,9 +103,28 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
+# The keys every checkpoint holds, a converted one's too, are read here; a training run's own
+# (optimizer, schedule, counters, random states, carried state) in charlm.training.state.
+
+
+def model_settings(state: dict[str, Any]) -> dict[str, Any]:
+    """The model's settings (ModelConfig's fields): its size and cell."""
+    return state["model_config"]
+
+
+def run_settings(state: dict[str, Any]) -> dict[str, Any]:
+    """The settings of the run that wrote it (RunConfig's fields, nested; empty for a converted model)."""
+    return state.get("config", {})
+
+
+def held(state: dict[str, Any]) -> str:
+    """What it holds, for a header line: "step 200 | val loss 1.7409"."""
+    return f"step {state['step']} | val loss {state['best_val_loss']:.4f}"
+
+
 def model_from_state(state: dict[str, Any]) -> CharLM:
     """The model a checkpoint describes, with its own architecture and weights."""
-    model = CharLM(ModelConfig(**state["model_config"]))
+    model = CharLM(ModelConfig(**model_settings(state)))
     model.load_state_dict(state["model"])
     return model
 

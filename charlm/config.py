@@ -156,7 +156,7 @@ def _check_model(m: ModelConfig) -> None:
 
 
 @dataclass
-class Config:
+class RunConfig:
     """What `python train.py` runs: data, model, trainer, seed and where to write."""
 
     data: DataConfig = field(default_factory=DataConfig)

@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from charlm.commands.settings import register_schemas
-from charlm.config import Config, EvaluateConfig, ModelConfig, SampleConfig, TrainConfig
+from charlm.config import EvaluateConfig, ModelConfig, RunConfig, SampleConfig, TrainConfig
 from charlm.data.corpora import CORPORA
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -20,7 +20,7 @@ NEEDS = {"text": ["data.path=notes.txt"]}  # what a choice cannot run without
 def composed(name: str, overrides: list[str]):
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         cfg = compose(name, overrides=overrides)
-    schema = {"train": Config, "sample": SampleConfig, "evaluate": EvaluateConfig}[name]
+    schema = {"train": RunConfig, "sample": SampleConfig, "evaluate": EvaluateConfig}[name]
     plain = OmegaConf.to_container(cfg, resolve=True)
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), plain))
 
@@ -29,7 +29,7 @@ def composed(name: str, overrides: list[str]):
 def test_every_group_option_composes_into_the_schema(group):
     for option in sorted(p.stem for p in (CONFIGS / group).glob("*.yaml")):
         overrides = [f"{group}={option}", *NEEDS.get(option, [])]
-        assert isinstance(composed("train", overrides), Config), (group, option)
+        assert isinstance(composed("train", overrides), RunConfig), (group, option)
 
 
 @pytest.mark.parametrize("name", ["sample", "evaluate"])

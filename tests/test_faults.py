@@ -213,12 +213,13 @@ def test_tensorboard_alone_failing_warns_once_and_training_goes_on(work, monkeyp
             raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(report, "_open_writer", lambda out_dir, resumed_at: FailingWriter(str(out_dir)))
-    from charlm.config import Config, DataConfig, ModelConfig, TrainConfig
+    from charlm.config import DataConfig, ModelConfig, RunConfig, TrainConfig
     from charlm.training.loop import train
 
-    cfg = Config(data=DataConfig(name="text", path=str(work / "notes.txt")), model=ModelConfig(d_model=16, n_layers=1),
-                 train=TrainConfig(batch_size=4, seq_len=16, max_steps=6, eval_every=3, log_every=2,
-                                   precision="fp32", warmup_steps=1, sample_length=5), out_dir=str(work / "run"))
+    cfg = RunConfig(data=DataConfig(name="text", path=str(work / "notes.txt")),
+                    model=ModelConfig(d_model=16, n_layers=1),
+                    train=TrainConfig(batch_size=4, seq_len=16, max_steps=6, eval_every=3, log_every=2,
+                                      precision="fp32", warmup_steps=1, sample_length=5), out_dir=str(work / "run"))
     lines = []
     monkeypatch.setattr(report.TrainReport, "say", lambda self, message: lines.append(message))
     summary = train(cfg, work / "run", report=report.TrainReport())

@@ -9,7 +9,7 @@ import torch
 
 from charlm.checkpoint import load_checkpoint, model_from_state
 from charlm.commands.train_report import TrainReport
-from charlm.config import Config, DataConfig, ModelConfig, TrainConfig
+from charlm.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from charlm.device import Precision, choose_precision
 from charlm.inference.explain import explain_steps
 from charlm.inference.sampling import sample_text
@@ -21,8 +21,8 @@ from charlm.training.loop import train
 CELLS = ["reset_after", "reset_before"]
 
 
-def tiny_config(text_file, out_dir, cell, precision, **train_kw) -> Config:
-    return Config(
+def tiny_config(text_file, out_dir, cell, precision, **train_kw) -> RunConfig:
+    return RunConfig(
         data=DataConfig(name="text", path=str(text_file)),
         model=ModelConfig(d_model=16, n_layers=2, dropout=0.1, cell=cell),
         train=TrainConfig(batch_size=4, seq_len=16, max_steps=6, eval_every=3, warmup_steps=2, log_every=3,

@@ -103,9 +103,9 @@ save_checkpoint(path, {{"step": 2, "x": torch.zeros(1000)}})
 
 def _train_in_process(tmp_path, text_file, nan_at, **train_overrides):
     """Run charlm.training.loop.train directly, with the loss replaced by NaN at step nan_at."""
-    from charlm.config import Config, DataConfig, ModelConfig, TrainConfig
+    from charlm.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 
-    cfg = Config(
+    cfg = RunConfig(
         data=DataConfig(name="text", path=str(text_file)),
         model=ModelConfig(d_model=16, n_layers=1),
         train=TrainConfig(batch_size=4, seq_len=16, max_steps=12, eval_every=5, log_every=1,

@@ -6,10 +6,18 @@ import pytest
 
 from charlm.commands.reference import DEFAULT_OUT, ReferenceConfig, reference_text
 from charlm.commands.settings import path_keys, settings_help
-from charlm.config import BenchConfig, Config, ConvertConfig, DoctorConfig, EvaluateConfig, ExportConfig, SampleConfig
+from charlm.config import (
+    BenchConfig,
+    ConvertConfig,
+    DoctorConfig,
+    EvaluateConfig,
+    ExportConfig,
+    RunConfig,
+    SampleConfig,
+)
 from conftest import ROOT, run_cli
 
-SCHEMAS = {"train.py": Config, "sample.py": SampleConfig, "evaluate.py": EvaluateConfig,
+SCHEMAS = {"train.py": RunConfig, "sample.py": SampleConfig, "evaluate.py": EvaluateConfig,
            "charlm.export": ExportConfig, "charlm.convert": ConvertConfig, "charlm.bench": BenchConfig,
            "charlm.doctor": DoctorConfig, "charlm.commands.reference": ReferenceConfig}
 GROUPS = {"train.py": ("data", "recipe", "model"), "evaluate.py": ("data",)}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from charlm.checkpoint import save_checkpoint
+from charlm.checkpoint import model_settings, save_checkpoint
 from charlm.config import ConvertConfig
 from charlm.errors import CharlmError
 from charlm.interop.convert import NOT_EQUIVALENT, from_keras, from_trax, read_keras
@@ -39,7 +39,7 @@ def _convert_command(cfg: ConvertConfig) -> None:
         with np.load(weights) as f:
             state = from_trax({name: f[name] for name in f.files}, cfg.flip_update_gate)
     save_checkpoint(out, state)
-    mc = state["model_config"]
+    mc = model_settings(state)
     print(f"wrote {out}: {mc['d_model']}x{mc['n_layers']} GRU, model.cell={mc['cell']}")
     if cfg.flip_update_gate:
         print("flipped the update gate: negated the z weights and biases, since sigmoid(-a) = 1 - sigmoid(a)"

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from charlm.checkpoint import load_checkpoint, model_from_state
-from charlm.config import Config, DataConfig, DoctorConfig, ModelConfig, TrainConfig
+from charlm.config import DataConfig, DoctorConfig, ModelConfig, RunConfig, TrainConfig
 from charlm.device import choose_precision, matmul_micros
 from charlm.inference.sampling import sample_text
 from charlm.inference.scoring import evaluate_loss
@@ -38,8 +38,8 @@ TEXT = "".join(f"the {w} traveller came back at {n} o'clock; café déjà vu.\n"
                for n, w in enumerate(["time", "grey", "swift", "old"] * 60))
 
 
-def _tiny(text: Path, out: Path, device: str, precision: str, cell: str, **train_kw) -> Config:
-    return Config(
+def _tiny(text: Path, out: Path, device: str, precision: str, cell: str, **train_kw) -> RunConfig:
+    return RunConfig(
         data=DataConfig(name="text", path=str(text)),
         model=ModelConfig(d_model=32, n_layers=2, dropout=0.1, cell=cell),
         train=TrainConfig(batch_size=8, seq_len=32, max_steps=6, eval_every=3, warmup_steps=2, log_every=3,

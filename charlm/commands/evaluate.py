@@ -44,13 +44,13 @@ def evaluate(cfg: EvaluateConfig, data_given: bool = True) -> dict[str, Any]:
     path, model, text_path, which, data = _scored_text(cfg, data_given)
     device = next(model.parameters()).device
     t0 = time.perf_counter()
-    with _progress(len(data), "scoring") as bar:
+    with _bar(len(data), "scoring") as bar:
         loss, n = evaluate_loss(model, data, seq_len=EVALUATE_SEQ_LEN, lanes=1, device=device, progress=bar.update)
     result = {"checkpoint": str(path), "data": str(text_path), "split": which, "bytes": n, **metrics(loss),
               "seconds": round(time.perf_counter() - t0, 3)}
     if cfg.dynamic:
         t0 = time.perf_counter()
-        with _progress(len(data), "dynamic") as bar:
+        with _bar(len(data), "dynamic") as bar:
             dyn, _ = dynamic_loss(model, data, cfg.dynamic_window, cfg.dynamic_lr, device, progress=bar.update)
         result.update({f"dynamic_{k}": v for k, v in metrics(dyn).items()},
                       dynamic_lr=cfg.dynamic_lr, dynamic_window=cfg.dynamic_window,
@@ -76,7 +76,7 @@ def evaluate(cfg: EvaluateConfig, data_given: bool = True) -> dict[str, Any]:
     return result
 
 
-def _progress(total: int, what: str) -> Any:
+def _bar(total: int, what: str) -> Any:
     """A bar on stderr for a long scoring, shown on a terminal only (stdout keeps just the figures)."""
     from tqdm import tqdm
 
@@ -90,7 +90,7 @@ def _scored_text(cfg: EvaluateConfig, data_given: bool) -> tuple[Path, Any, Path
     Without data= on the command line the checkpoint's own text and split fractions are used; the
     split defaults to test, else val (said on stderr), or the whole file for data=text.
     """
-    from charlm.checkpoint import load_checkpoint, locate_checkpoint, model_from_state
+    from charlm.checkpoint import load_checkpoint, locate_checkpoint, model_from_state, run_settings
     from charlm.config import DataConfig
     from charlm.data.batches import split
     from charlm.data.text import corpus_path, load_bytes
@@ -100,7 +100,7 @@ def _scored_text(cfg: EvaluateConfig, data_given: bool) -> tuple[Path, Any, Path
     device = resolve_device(cfg.device)
     state = load_checkpoint(path)
     model = model_from_state(state).to(device)
-    data_cfg = cfg.data if data_given else DataConfig(**state["config"]["data"])
+    data_cfg = cfg.data if data_given else DataConfig(**run_settings(state)["data"])
     text_path = corpus_path(data_cfg, lambda message: print(message, file=sys.stderr))
     data = load_bytes(text_path)
     parts = split(data, data_cfg.train_frac, data_cfg.val_frac)

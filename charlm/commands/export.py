@@ -30,13 +30,13 @@ def main(argv: list[str]) -> int:
 def _export_command(cfg: ExportConfig) -> None:
     import numpy as np
 
-    from charlm.checkpoint import load_checkpoint, locate_checkpoint, model_from_state
+    from charlm.checkpoint import load_checkpoint, locate_checkpoint, model_from_state, model_settings
     from charlm.errors import CharlmError
     from charlm.interop.convert import to_keras
 
     path = locate_checkpoint(cfg.checkpoint)
     state = load_checkpoint(path)
-    mc = state["model_config"]
+    mc = model_settings(state)
     if cfg.format == "keras":
         out = Path(cfg.out or path.parent / "keras_weights.npz")
         np.savez(out, *to_keras(state))

@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 from charlm.commands.settings import CONFIG_DIR, register_schemas, settings_help, show_value, to_object
-from charlm.config import BenchConfig, Config, ConvertConfig, EvaluateConfig, ExportConfig, SampleConfig, setting
+from charlm.config import BenchConfig, ConvertConfig, EvaluateConfig, ExportConfig, RunConfig, SampleConfig, setting
 
 DEFAULT_OUT = CONFIG_DIR.parent / "docs" / "settings.md"
 COMMANDS = (  # (title, command line, schema, what the table leaves to another one)
-    ("Training", "python train.py", Config, ("data.name",)),
+    ("Training", "python train.py", RunConfig, ("data.name",)),
     ("Sampling", "python sample.py", SampleConfig, ()),
     ("Evaluating", "python evaluate.py", EvaluateConfig, ("data.",)),
     ("Exporting", "python -m charlm.export", ExportConfig, ()),
@@ -50,14 +50,14 @@ def reference_text() -> str:
     corpus_defaults = _corpus_defaults()
     for title, command, schema, skip in COMMANDS:
         lines += [f"## {title}: `{command}`", "", "| key | default | meaning |", "|---|---|---|"]
-        if schema is Config:
+        if schema is RunConfig:
             lines += [f"| `{key}` | {_code(default)} | {text} |" for key, default, text in GROUPS]
         for key, default, text in settings_help(schema):
             if key.startswith(skip or ("\0",)):
                 continue
-            shown = corpus_defaults.get(key, _code(default)) if schema is Config else _code(default)
+            shown = corpus_defaults.get(key, _code(default)) if schema is RunConfig else _code(default)
             lines.append(f"| `{key}` | {shown} | {text} |")
-        if schema is Config:
+        if schema is RunConfig:
             lines += ["", "Where two defaults are given (`a; b`), the first is The Time Machine's and the second"
                       " Tiny Shakespeare's (`data=tinyshakespeare` takes `configs/recipe/tinyshakespeare.yaml`)."]
         lines.append("")
@@ -71,12 +71,12 @@ def _corpus_defaults() -> dict[str, str]:
             for key, value in timemachine.items() if shakespeare[key] != value and key not in ("out_dir", "data.name")}
 
 
-def _composed(overrides: list[str]) -> Config:
+def _composed(overrides: list[str]) -> RunConfig:
     from hydra import compose, initialize_config_dir
 
     register_schemas()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return to_object(compose("train", overrides=overrides), Config)
+        return to_object(compose("train", overrides=overrides), RunConfig)
 
 
 def _flat(config: Any, prefix: str = "") -> dict[str, Any]:

@@ -44,7 +44,7 @@ def sample(cfg: SampleConfig) -> None:
 
     import torch  # only once the config is known to be good
 
-    from charlm.checkpoint import load_checkpoint, locate_checkpoint, model_from_state
+    from charlm.checkpoint import held, load_checkpoint, locate_checkpoint, model_from_state
     from charlm.device import resolve_device
     from charlm.inference.sampling import sample_text, stream_text
 
@@ -55,7 +55,7 @@ def sample(cfg: SampleConfig) -> None:
     prompt = read_prompt(cfg)
     seed = cfg.seed if cfg.seed is not None else random.randrange(2**31)
     generator = torch.Generator(device=device).manual_seed(seed)
-    print(f"[{path} | step {state['step']} | val loss {state['best_val_loss']:.4f} | "
+    print(f"[{path} | {held(state)} | "
           f"temperature {cfg.temperature} | seed {seed}]", file=sys.stderr)
     if cfg.explain:
         return _explain(model, prompt, cfg, generator)

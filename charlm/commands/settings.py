@@ -16,11 +16,11 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from charlm.config import Config, EvaluateConfig, SampleConfig, path_keys
+from charlm.config import EvaluateConfig, RunConfig, SampleConfig, path_keys
 from charlm.errors import CharlmError
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
-SCHEMAS = {"train": Config, "sample": SampleConfig, "evaluate": EvaluateConfig}
+SCHEMAS = {"train": RunConfig, "sample": SampleConfig, "evaluate": EvaluateConfig}
 
 
 def register_schemas() -> None:

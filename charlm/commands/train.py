@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from charlm.commands.settings import literal, literal_tree, to_object, with_raw
-from charlm.config import Config
+from charlm.config import RunConfig
 from charlm.errors import CharlmError
 
 MODEL_SHAPE = ("d_model", "n_layers", "cell")  # what a checkpoint's weights fix (resume, init_from)
@@ -39,7 +39,7 @@ def run_train(cfg: DictConfig, overrides: list[str], raw: dict[str, str], sweep_
 
 
 def config_for_run(cfg: DictConfig, overrides: list[str], raw: dict[str, str]
-                   ) -> tuple[Config, Optional[dict[str, Any]], Optional[dict[str, Any]]]:
+                   ) -> tuple[RunConfig, Optional[dict[str, Any]], Optional[dict[str, Any]]]:
     """(the run's config, the checkpoint it resumes, the checkpoint it starts from)."""
     if cfg.train.resume and cfg.train.init_from:
         raise CharlmError("give train.resume (continue a run) or train.init_from (start a new run from its"
@@ -52,20 +52,20 @@ def config_for_run(cfg: DictConfig, overrides: list[str], raw: dict[str, str]
     if cfg.train.init_from:
         config, init = _init_from_config(cfg, overrides)
         return config, None, init
-    return to_object(cfg, Config), None, None
+    return to_object(cfg, RunConfig), None, None
 
 
-def _resume_config(cfg: DictConfig, overrides: list[str], raw: dict[str, str]) -> tuple[Config, dict[str, Any]]:
+def _resume_config(cfg: DictConfig, overrides: list[str], raw: dict[str, str]) -> tuple[RunConfig, dict[str, Any]]:
     """The saved run's config with this command line's overrides (and raw path settings) on top.
 
     Every override takes effect (train.lr included) or is refused here: a resumed run keeps its
     text and its model's shape. Repeating the run's own choices (data=..., model=...) is fine.
     """
-    from charlm.checkpoint import load_checkpoint, resolve_checkpoint
+    from charlm.checkpoint import load_checkpoint, resolve_checkpoint, run_settings
 
     path = resolve_checkpoint(cfg.train.resume, prefer="last.pt")
     state = load_checkpoint(path)
-    saved = OmegaConf.merge(OmegaConf.structured(Config), literal_tree(state["config"]))
+    saved = OmegaConf.merge(OmegaConf.structured(RunConfig), literal_tree(run_settings(state)))
     merged = saved.copy()
     given = _parsed(overrides)
     for o in given:
@@ -83,20 +83,20 @@ def _resume_config(cfg: DictConfig, overrides: list[str], raw: dict[str, str]) -
         raise CharlmError(f"{culprit} would change {section}.{key} from {was} to {now}, which a resumed run"
                           " cannot; drop it, or start a new run")
     merged.train.resume = literal(str(path))
-    return to_object(merged, Config), state
+    return to_object(merged, RunConfig), state
 
 
-def _init_from_config(cfg: DictConfig, overrides: list[str]) -> tuple[Config, dict[str, Any]]:
+def _init_from_config(cfg: DictConfig, overrides: list[str]) -> tuple[RunConfig, dict[str, Any]]:
     """This command's config with the model's size taken from train.init_from's checkpoint.
 
     A model setting given on the command line applies where it fits the weights (dropout); one
     that contradicts them (model.d_model, n_layers, cell, or a model= size) is refused here.
     """
-    from charlm.checkpoint import load_checkpoint, resolve_checkpoint
+    from charlm.checkpoint import load_checkpoint, model_settings, resolve_checkpoint
 
     path = resolve_checkpoint(cfg.train.init_from, prefer="best.pt")
     state = load_checkpoint(path)
-    saved = OmegaConf.merge(OmegaConf.structured(Config), {"model": state["model_config"]})
+    saved = OmegaConf.merge(OmegaConf.structured(RunConfig), {"model": model_settings(state)})
     merged = cfg.copy()
     merged.model = saved.model
     for o in _parsed(overrides):
@@ -110,7 +110,7 @@ def _init_from_config(cfg: DictConfig, overrides: list[str]) -> tuple[Config, di
             raise CharlmError(f"{o.input_line} would make model.{k} {now}, but train.init_from={path} is a"
                               f" {m.d_model}x{m.n_layers} {m.cell} model; drop it, or start from scratch")
     merged.train.init_from = literal(str(path.resolve()))  # the record in config.yaml and HParams
-    return to_object(merged, Config), state
+    return to_object(merged, RunConfig), state
 
 
 def _changed(saved: DictConfig, merged: DictConfig, fixed: dict[str, tuple[str, ...]]) -> list[tuple]:

@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 
 from tqdm import tqdm
 
-from charlm.config import Config
+from charlm.config import RunConfig
 from charlm.inference.scoring import metrics
 from charlm.training.report import Report
 
@@ -27,7 +27,7 @@ class TrainReport(Report):
         self.last_val: Optional[float] = None
         self.tokens, self.t_log = 0, time.perf_counter()  # tokens trained since the last log line
 
-    def open(self, out_dir: Path, cfg: Config, resumed_at: Optional[int]) -> None:
+    def open(self, out_dir: Path, cfg: RunConfig, resumed_at: Optional[int]) -> None:
         """The run's TensorBoard writer (resumed_at: the step a resumed run continues from)."""
         self.out_dir, self.cfg = out_dir, cfg
         if self.active:
@@ -168,7 +168,7 @@ def _quiet_writer_thread() -> None:
     threading.excepthook = hook
 
 
-def _write_hparams(writer, cfg: Config, final: dict[str, float]) -> None:
+def _write_hparams(writer, cfg: RunConfig, final: dict[str, float]) -> None:
     """Hyperparameters and final metrics into this run's own event file (TensorBoard's HParams tab)."""
     from torch.utils.tensorboard.summary import hparams
 

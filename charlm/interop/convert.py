@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from charlm.checkpoint import model_state
+from charlm.checkpoint import model_settings, model_state
 from charlm.config import ModelConfig
 from charlm.errors import CharlmError
 from charlm.model.network import CharLM
@@ -90,7 +90,7 @@ def from_keras(weights: list[np.ndarray], reset_after: bool, flip: bool = False)
 
 def to_keras(state: dict[str, Any]) -> list[np.ndarray]:
     """Keras get_weights() order from a charlm checkpoint (reset_after as the checkpoint's cell)."""
-    cfg = ModelConfig(**state["model_config"])
+    cfg = ModelConfig(**model_settings(state))
     w = {k: v.double().numpy() for k, v in state["model"].items()}
     u = cfg.d_model
     out = [w["embed.weight"]]

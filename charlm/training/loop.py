@@ -23,7 +23,7 @@ from typing import Any, Optional
 import torch
 
 from charlm import checkpoint as ckpt
-from charlm.config import Config
+from charlm.config import RunConfig
 from charlm.data.batches import StreamBatches, random_batch
 from charlm.device import resolve_device
 from charlm.errors import CharlmError
@@ -53,7 +53,7 @@ SAMPLE_TEMPERATURE = 0.8  # of the sample written at each evaluation
 class Trainer:
     """One run: its model, optimizer, schedule, precision, batches and counters (see run())."""
 
-    def __init__(self, cfg: Config, out_dir: Path, ddp: distributed.Dist, device: torch.device, report: Report,
+    def __init__(self, cfg: RunConfig, out_dir: Path, ddp: distributed.Dist, device: torch.device, report: Report,
                  resume_state: Optional[dict[str, Any]] = None, init_state: Optional[dict[str, Any]] = None) -> None:
         tc = self.tc = cfg.train
         self.cfg, self.out_dir, self.ddp, self.device, self.report = cfg, out_dir, ddp, device, report
@@ -64,8 +64,8 @@ class Trainer:
         self.train_data, self.val_data, val_total = load_splits(cfg, say)
         self.batches = StreamBatches(self.train_data, tc.batch_size, tc.seq_len) if tc.batching == "stream" else None
         self.model = CharLM(cfg.model).to(device)
-        if init_state is not None:  # fine-tuning: the source's weights, then everything else anew
-            self.model.load_state_dict(init_state["model"])
+        # fine-tuning: the source's weights, then everything else anew
+        init_note = state.start_from(self.model, init_state, tc.init_from) if init_state is not None else None
         self.optimizer = make_optimizer(self.model, tc)
         self.counters = state.counters(resume_state)
         self.clock = Clock(tc.max_seconds, self.counters.seconds, self.counters.step, len(self.val_data))
@@ -90,10 +90,8 @@ class Trainer:
                         f"{self.precision.parts(cfg.model.cell, device)}")
         if note is not None:
             self.report.say(note)
-        if init_state is not None:
-            source = init_state.get("config", {}).get("data", {}).get("name", "its text")
-            self.report.say(f"init_from: {tc.init_from} (step {init_state['step']} on {source}, val loss "
-                            f"{init_state['best_val_loss']:.4f}); fresh optimizer and schedule from step 0")
+        if init_note is not None:
+            self.report.say(init_note)
         self.report.say(self.header(val_total))
 
     def header(self, val_total: int) -> str:
@@ -265,7 +263,7 @@ class Trainer:
         return self.counters.step if last else self.counters.step + self.clock.steps_left()
 
 
-def train(cfg: Config, out_dir: Path, resume_state: Optional[dict[str, Any]] = None,
+def train(cfg: RunConfig, out_dir: Path, resume_state: Optional[dict[str, Any]] = None,
           init_state: Optional[dict[str, Any]] = None, report: Optional[Report] = None) -> dict[str, Any]:
     """Train cfg's model on cfg's data, writing checkpoints and config.yaml to out_dir; return a
     summary (with "stopped_by", the signal number, when a signal ended it early). resume_state

@@ -3,6 +3,7 @@
     pack(trainer) -> state          model, optimizer, scheduler, Counters, RNG states of every rank,
                                     precision, the carried hidden state, the run's config
     counters(state), restore(trainer, state), run_precision(...)   the way back
+    start_from(model, state, source)    a fine-tuning run's first weights
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Any, Optional
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from charlm.checkpoint import model_state
+from charlm.checkpoint import model_state, run_settings
 from charlm.config import TrainConfig
 from charlm.device import Precision, choose_precision
 from charlm.model.network import CharLM
@@ -73,6 +74,14 @@ def restore(trainer: Any, state: dict[str, Any]) -> str:
     trainer.generator.set_state(state["rng"]["batches"])
     trainer.h, note = _resumed_lanes(state, trainer.tc, trainer.lanes, trainer.device)
     return f"resumed from step {trainer.counters.step} (best val loss {trainer.counters.best_val_loss:.4f}){note}"
+
+
+def start_from(model: CharLM, init_state: dict[str, Any], source: str) -> str:
+    """Fine-tuning: init_state's weights into model; the line that says where they came from."""
+    model.load_state_dict(init_state["model"])
+    text = run_settings(init_state).get("data", {}).get("name", "its text")
+    return (f"init_from: {source} (step {init_state['step']} on {text}, val loss {init_state['best_val_loss']:.4f});"
+            " fresh optimizer and schedule from step 0")
 
 
 def run_precision(

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from charlm.config import Config, TrainConfig
+from charlm.config import RunConfig, TrainConfig
 from charlm.data.batches import split
 from charlm.data.text import corpus_path, load_bytes
 from charlm.device import Precision
@@ -24,7 +24,7 @@ def make_optimizer(model: CharLM, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99))
 
 
-def load_splits(cfg: Config, announce: Optional[Callable[[str], None]] = None) -> tuple[np.ndarray, np.ndarray, int]:
+def load_splits(cfg: RunConfig, announce: Optional[Callable[[str], None]] = None) -> tuple[np.ndarray, np.ndarray, int]:
     """(train bytes, the val bytes each evaluation scores, all val bytes) of cfg's text (announce
     hears of a download)."""
     path = corpus_path(cfg.data, announce)
