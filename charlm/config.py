@@ -259,12 +259,15 @@ class ExportConfig:
 
     checkpoint: Optional[str] = setting(
         None, "a run directory (its `best.pt`) or a `.pt` file", shown=NEWEST, path=True)
-    format: str = setting("onnx", "`onnx` (one decoding step) or `keras` (an `.npz` of Keras's get_weights())")
+    format: str = setting(
+        "onnx", "`onnx` (one decoding step), `keras` (an `.npz` of Keras's get_weights()) or `html` (the model in one"
+        " web page: type a prompt and watch it write, no server, no network)")
     out: Optional[str] = setting(
-        None, "the file to write", shown="`model.onnx` or `keras_weights.npz` beside the checkpoint", path=True)
+        None, "the file to write", shown="`model.onnx`, `keras_weights.npz` or `model.html` beside the checkpoint",
+        path=True)
 
     def __post_init__(self) -> None:
-        check_choice(self.format, "format", ("onnx", "keras"))
+        check_choice(self.format, "format", ("onnx", "keras", "html"))
 
 
 @dataclass

@@ -1,8 +1,10 @@
 """python -m charlm.export: a trained model for other runtimes.
 
-    python -m charlm.export checkpoint=RUN_DIR|FILE.pt [format=onnx|keras] [out=FILE]
+    python -m charlm.export checkpoint=RUN_DIR|FILE.pt [format=onnx|keras|html] [out=FILE]
 
-format=keras writes an .npz of the arrays Keras's model.get_weights() holds for the same model
+format=html writes the model as one self-contained web page (float16 weights, the step in plain
+JavaScript): open it from disk, type a prompt and watch it write; page.html?prompt=...&length=120
+&temperature=0 writes that continuation into the element with id `output`. format=keras writes an .npz of the arrays Keras's model.get_weights() holds for the same model
 (see python -m charlm.convert for the other way). format=onnx's graph is one decoding step,
 the shape incremental decoding needs:
 
@@ -37,6 +39,13 @@ def _export_command(cfg: ExportConfig) -> None:
     path = locate_checkpoint(cfg.checkpoint)
     state = load_checkpoint(path)
     mc = model_settings(state)
+    if cfg.format == "html":
+        from charlm.interop.page import write_page
+
+        out = write_page(state, Path(cfg.out or path.parent / "model.html"), title=str(path))
+        print(f"wrote {out}: {mc['d_model']}x{mc['n_layers']} GRU ({mc['cell']}) in one page, {out.stat().st_size:,}"
+              " bytes; open it in a browser (no server, no network)")
+        return
     if cfg.format == "keras":
         out = Path(cfg.out or path.parent / "keras_weights.npz")
         np.savez(out, *to_keras(state))
