@@ -4,8 +4,9 @@
 
 format=html writes the model as one self-contained web page (float16 weights, the step in plain
 JavaScript): open it from disk, type a prompt and watch it write; page.html?prompt=...&length=120
-&temperature=0 writes that continuation into the element with id `output`. format=keras writes an .npz of the arrays Keras's model.get_weights() holds for the same model
-(see python -m charlm.convert for the other way). format=onnx's graph is one decoding step,
+&temperature=0 writes that continuation into the element with id `output`. format=keras writes an
+.npz of the arrays Keras's model.get_weights() holds for the same model (see python -m
+charlm.convert for the other way). format=onnx's graph is one decoding step,
 the shape incremental decoding needs:
 
     byte (N,) int64, hidden (n_layers, N, d_model) float32
