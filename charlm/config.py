@@ -73,7 +73,8 @@ class ModelConfig:
     d_model: int = setting(256, "embedding and GRU width")
     n_layers: int = setting(2, "stacked GRU layers")
     dropout: float = setting(0.2, "dropout on the embeddings, between GRU layers and before the output layer")
-    cell: str = setting("reset_after", "`reset_after` (nn.GRU, cuDNN) or `reset_before` (the Trax / d2l cell)")
+    cell: str = setting(
+        "reset_after", "`reset_after` (nn.GRU, cuDNN), `reset_before` (the Trax / d2l GRU cell) or `lstm` (nn.LSTM)")
 
 
 @dataclass
@@ -152,7 +153,7 @@ def _check_model(m: ModelConfig) -> None:
         raise CharlmError(f"model.n_layers must be at least 1, got {m.n_layers}")
     if not 0 <= m.dropout < 1:
         raise CharlmError(f"model.dropout must be in [0, 1), got {m.dropout}")
-    check_choice(m.cell, "model.cell", ("reset_after", "reset_before"))
+    check_choice(m.cell, "model.cell", ("reset_after", "reset_before", "lstm"))
 
 
 @dataclass

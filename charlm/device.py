@@ -59,7 +59,9 @@ class Precision:
         """What actually computes in which precision, part by part."""
         if not self.bf16:
             return "everything float32"
-        if cell == "reset_before":
+        if cell == "lstm":
+            gru = "LSTM bf16 (oneDNN)" if device.type == "cpu" else "LSTM fp32 (cuDNN; autocast would make it fp16)"
+        elif cell == "reset_before":
             gru = "GRU matmuls and gates bf16"
         elif device.type == "cuda":
             gru = "GRU fp32 (cuDNN; autocast would make it fp16)"

@@ -57,3 +57,14 @@ def test_sample_explain_text_and_json(tmp_path, text_file):
     steps = [json.loads(line) for line in js.strip().splitlines()]
     assert [s["step"] for s in steps] == [1, 2, 3] and len(steps[0]["top"]) == 5
     assert steps[0]["context"] == "traveller yo" and len(steps[0]["layers"]) == 1
+
+
+def test_explain_shows_the_lstms_gates_and_its_cell_state_share():
+    model = random_model("lstm", d=10, layers=2).float()
+    steps = list(explain_steps(model, b"the ", 2, temperature=0))
+    explained = bytes(s["byte"] for s in steps).decode("utf-8", errors="replace")
+    assert "the " + explained == sample_text(model, "the ", 2, temperature=0)[0]  # the sampler's choice
+    layer = steps[0]["layers"][0]
+    assert set(layer) == {"layer", "i", "f", "o", "candidate_share"} and 0 <= layer["candidate_share"] <= 1
+    text = format_step(steps[0])
+    assert "input  i: mean" in text and "forget f: mean" in text and "output o: mean" in text

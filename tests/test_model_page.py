@@ -20,16 +20,18 @@ from conftest import TINY, copy_run, run_cli
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium: apt-get install chromium")
 PROMPT = "the grey "
+CELLS = ["reset_after", "reset_before", "lstm"]
 
 
 @pytest.fixture(scope="module")
 def pages(tmp_path_factory, tiny_run):
-    """A page for each cell: the session's tiny reset-after run, and a reset-before one."""
+    """A page for each cell: the session's tiny reset-after run, a reset-before one and an LSTM."""
     work = tmp_path_factory.mktemp("model_page")
     copy_run(tiny_run, work, "reset_after")
-    run_cli("train.py", "data=text", "data.path=notes.txt", *TINY, "model.n_layers=2", "model.cell=reset_before",
-            "train.max_steps=40", "train.eval_every=20", "out_dir=reset_before", cwd=work)
-    for cell in ("reset_after", "reset_before"):
+    for cell in CELLS[1:]:
+        run_cli("train.py", "data=text", "data.path=notes.txt", *TINY, "model.n_layers=2", f"model.cell={cell}",
+                "train.max_steps=40", "train.eval_every=20", f"out_dir={cell}", cwd=work)
+    for cell in CELLS:
         out = run_cli("-m", "charlm.export", f"checkpoint={cell}", "format=html", f"out={cell}.html", cwd=work)
         assert f"wrote {cell}.html" in out.stdout
     return work
@@ -51,7 +53,7 @@ def written(document: str) -> bytes:
 
 @needs_chromium
 @pytest.mark.system
-@pytest.mark.parametrize("cell", ["reset_after", "reset_before"])
+@pytest.mark.parametrize("cell", CELLS)
 def test_the_page_writes_what_sample_py_writes_greedily(pages, cell):
     query = "?prompt=" + PROMPT.replace(" ", "%20") + "&length=200&temperature=0"
     page_bytes = written(dom(pages / f"{cell}.html", query))
@@ -65,7 +67,7 @@ def test_the_page_writes_what_sample_py_writes_greedily(pages, cell):
 
 @needs_chromium
 @pytest.mark.system
-@pytest.mark.parametrize("cell", ["reset_after", "reset_before"])
+@pytest.mark.parametrize("cell", CELLS)
 def test_the_pages_log_probabilities_are_pytorchs(pages, cell):
     """50 steps along the page's own greedy path: within 1e-3 of PyTorch's, with the checkpoint's
     float32 weights and with the float16 weights the page holds."""

@@ -18,7 +18,7 @@ from charlm.interop.onnx import export_onnx
 from charlm.model.network import CharLM
 from charlm.training.loop import train
 
-CELLS = ["reset_after", "reset_before"]
+CELLS = ["reset_after", "reset_before", "lstm"]
 
 
 def tiny_config(text_file, out_dir, cell, precision, **train_kw) -> RunConfig:
@@ -74,7 +74,8 @@ def test_every_cell_and_precision_trains_samples_evaluates_explains_exports_resu
     # weights, optimizer state and the carried hidden state stay float32 whatever ran
     floats = float_tensors([state["model"], state["optimizer"], state["hidden"]])
     assert floats and {t.dtype for t in floats} == {torch.float32}
-    assert state["hidden"].shape == (2, 4, 16)
+    assert state["hidden"].shape == (2, 4, 32 if cell == "lstm" else 16)  # the LSTM's [h, c] side by side
+    assert state["model_config"]["cell"] == cell
 
     model = model_from_state(state).eval()
     assert len(sample_text(model, "the ", 12, temperature=0.8, generator=torch.Generator().manual_seed(0))[0]) >= 12
@@ -82,10 +83,11 @@ def test_every_cell_and_precision_trains_samples_evaluates_explains_exports_resu
     loss, n = evaluate_loss(model, data, lanes=2)
     assert n == 2000 and np.isfinite(loss)
     steps = list(explain_steps(model, b"the ", 3))
-    assert len(steps) == 3 and all(0 <= s["layers"][0]["z"]["mean"] <= 1 for s in steps)
+    gate = "f" if cell == "lstm" else "z"
+    assert len(steps) == 3 and all(0 <= s["layers"][0][gate]["mean"] <= 1 for s in steps)
     onnx_path = export_onnx(model, tmp_path / "m.onnx")
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    log_probs, _ = session.run(None, {"byte": np.array([116]), "hidden": np.zeros((2, 1, 16), np.float32)})
+    log_probs, _ = session.run(None, {"byte": np.array([116]), "hidden": model.init_hidden(1).numpy()})
     with torch.no_grad():
         expected, _ = model(torch.tensor([[116]]))
     assert np.allclose(log_probs, expected[:, 0].numpy(), atol=1e-4)
@@ -189,5 +191,7 @@ def test_run_header_says_what_runs_each_part(cell):
     assert "hidden state float32" in bf16.parts(cell, cpu) and "output layer bf16" in bf16.parts(cell, cpu)
     if cell == "reset_after":  # cuDNN's GRU: autocast would make it fp16, so it stays fp32
         assert "GRU fp32" in bf16.parts(cell, cuda) and "GRU matmuls bf16" in bf16.parts(cell, cpu)
+    elif cell == "lstm":  # oneDNN's LSTM in bf16 on the CPU; cuDNN's stays fp32, as the GRU's
+        assert "LSTM fp32" in bf16.parts(cell, cuda) and "LSTM bf16" in bf16.parts(cell, cpu)
     else:
         assert "GRU matmuls and gates bf16" in bf16.parts(cell, cuda)

@@ -1,11 +1,11 @@
-"""The model against a NumPy float64 GRU written from the equations, and a GRU step done by hand."""
+"""The model against NumPy float64 GRUs and an LSTM written from the equations, and a GRU step done by hand."""
 import numpy as np
 import pytest
 import torch
 
 from charlm import CharLM, ModelConfig
-from charlm.model.gru import layer_weights, step_with_gates
-from charlm.model.reference import flip_update_gate, gru_layer, gru_step, language_model
+from charlm.model.gru import layer_weights, lstm_step_with_gates, step_with_gates
+from charlm.model.reference import flip_update_gate, gru_layer, gru_step, language_model, lstm_step
 from conftest import numpy_params, random_model
 
 
@@ -79,3 +79,21 @@ def test_step_with_gates_matches_reference(cell):
     ref = gru_step(x, h, w, cell)
     for key in ("h", "r", "z", "n"):
         assert np.abs(ours[key].detach().numpy() - ref[key]).max() < 1e-12
+
+
+def test_the_lstm_matches_its_reference_and_its_step_with_gates():
+    """nn.LSTM (gate blocks i, f, g, o) against the NumPy equations: the whole model, and one step."""
+    model = random_model("lstm", d=12, layers=2)
+    tokens = np.random.default_rng(0).integers(0, 256, size=(3, 25))
+    with torch.no_grad():
+        ours, state = model(torch.from_numpy(tokens))
+    assert np.abs(ours.numpy() - language_model(tokens, numpy_params(model), n_layers=2, cell="lstm")).max() < 1e-6
+    assert state.shape == (2, 3, 24)  # [h, c] side by side
+    rng = np.random.default_rng(3)
+    x, h, c = rng.normal(size=(3, 12)), rng.normal(size=(3, 12)), rng.normal(size=(3, 12))
+    weights = layer_weights(model.lstm, 0)
+    step = lstm_step_with_gates(torch.from_numpy(x), torch.from_numpy(np.concatenate([h, c], 1)), weights)
+    w = dict(zip(("w_ih", "w_hh", "b_ih", "b_hh"), (t.detach().numpy() for t in weights)))
+    ref = lstm_step(x, h, c, w)
+    for key in ("h", "c", "i", "f", "g", "o"):
+        assert np.abs(step[key].detach().numpy() - ref[key]).max() < 1e-12

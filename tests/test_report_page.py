@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from charlm.checkpoint import load_checkpoint
-from charlm.model.reference import gru_step, language_model
-from conftest import copy_run, run_cli, small_text
+from charlm.model.reference import gru_step, language_model, lstm_step
+from conftest import TINY, copy_run, run_cli, small_text
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # a quotation, a line break, a tab, a bell (control byte), an invalid byte, a two-byte character
@@ -120,3 +120,22 @@ def test_markup_in_a_file_name_or_the_text_is_shown_not_parsed(trained):
     summary = re.search(r'<p class="meta" id="summary">(.*?)</p>', dom, re.S).group(1)
     assert "run &lt;i&gt;x&lt;/i&gt; &amp; 'q'" in summary and "<i>" not in summary
     assert "<b>bold</b>" not in dom  # the text's own markup is shown byte by byte, never parsed
+
+
+def test_an_lstms_page_shows_its_input_forget_and_output_gates(tmp_path):
+    (tmp_path / "notes.txt").write_text(small_text(), encoding="utf-8")
+    run_cli("train.py", "data=text", "data.path=notes.txt", *TINY, "model.cell=lstm", "train.max_steps=10",
+            "train.eval_every=10", "out_dir=lstm", cwd=tmp_path)
+    (tmp_path / "odd.txt").write_bytes(ODD)
+    run_cli("evaluate.py", "checkpoint=lstm", "data=text", "data.path=odd.txt", "html=lstm.html", cwd=tmp_path)
+    data = page_data(tmp_path / "lstm.html")
+    assert data["gates"] == ["i", "f", "o"] and "z_mean" not in data
+    p = {k: v.double().numpy() for k, v in load_checkpoint(tmp_path / "lstm" / "best.pt")["model"].items()}
+    w = {n: p[f"lstm.{n.replace('w_', 'weight_').replace('b_', 'bias_')}_l0"] for n in ("w_ih", "w_hh", "b_ih", "b_hh")}
+    x, h, c = p["embed.weight"][[0, *ODD]], np.zeros((1, 32)), np.zeros((1, 32))
+    for t in range(len(ODD) + 1):  # the first (and only) layer, step by step, by the NumPy equations
+        s = lstm_step(x[t : t + 1], h, c, w)
+        h, c = s["h"], s["c"]
+        if t:
+            for gate in ("i", "f", "o"):
+                assert abs(data[f"{gate}_mean"][0][t - 1] - s[gate].mean()) < 1e-4

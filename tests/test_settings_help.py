@@ -21,7 +21,7 @@ SCHEMAS = {"train.py": RunConfig, "sample.py": SampleConfig, "evaluate.py": Eval
            "charlm.export": ExportConfig, "charlm.convert": ConvertConfig, "charlm.bench": BenchConfig,
            "charlm.doctor": DoctorConfig, "charlm.commands.reference": ReferenceConfig}
 GROUPS = {"train.py": ("data", "recipe", "model"), "evaluate.py": ("data",)}
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+PAGES = [(ROOT / "README.md").resolve(), *sorted(p.resolve() for p in (ROOT / "docs").glob("*.md"))]
 
 
 def test_the_settings_reference_is_what_the_code_declares():
@@ -57,3 +57,22 @@ def test_help_lists_every_setting_with_its_help(tmp_path, command):
     for key, default, text in settings_help(schema):
         assert f"  {key}={default.replace('`', '')}\n" in out, key
         assert re.sub(r"\[([^\]]+)\]\([^)]+\)", r"\1", text).replace("`", "") in out, key
+
+
+def slug(title: str) -> str:
+    """A heading's anchor, as GitHub makes it."""
+    return re.sub(r"[^\w\- ]", "", title.lower().strip()).replace(" ", "-")
+
+
+def test_every_link_in_the_docs_leads_somewhere():
+    anchors = {page: {slug(h) for h in re.findall(r"(?m)^#+ (.+)$", page.read_text(encoding="utf-8"))}
+               for page in PAGES}
+    for page in PAGES:
+        for words, target in re.findall(r"\[([^\]]+)\]\(([^)]+)\)", page.read_text(encoding="utf-8")):
+            if target.startswith(("http://", "https://")):
+                continue
+            file, _, anchor = target.partition("#")
+            path = (page.parent / file).resolve() if file else page
+            assert path.exists(), f"{page.name}: [{words}]({target}) names no file"
+            if anchor and path.suffix == ".md":
+                assert anchor in anchors[path], f"{page.name}: [{words}]({target}) names no heading"

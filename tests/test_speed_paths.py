@@ -65,7 +65,7 @@ def test_model_takes_the_fused_path_on_cpu_fp32_only():
         assert not can_fuse(m.gru, x)
 
 
-@pytest.mark.parametrize("cell", ["reset_after", "reset_before"])
+@pytest.mark.parametrize("cell", ["reset_after", "reset_before", "lstm"])
 def test_the_stepper_equals_a_forward_pass_with_or_without_gates(cell):
     torch.manual_seed(0)
     m = CharLM(ModelConfig(d_model=16, n_layers=2, cell=cell)).eval()
@@ -77,8 +77,9 @@ def test_the_stepper_equals_a_forward_pass_with_or_without_gates(cell):
             for t in range(9):
                 log_probs, h, seen = step(x[:, t], h, gates=gates)
                 assert torch.allclose(log_probs, whole[:, t], atol=1e-5)
-                if gates:  # the last layer's state is what the gates made: h' = z*h + (1-z)*n
-                    assert torch.equal(seen["layers"][-1]["h"], h[-1]) and len(seen["layers"]) == 2
+                if gates:  # the last layer's state is what its gates made (the LSTM's: [h, c])
+                    last = seen["layers"][-1]
+                    assert torch.equal(last.get("state", last["h"]), h[-1]) and len(seen["layers"]) == 2
             assert torch.allclose(h, h_whole, atol=1e-5)
 
 

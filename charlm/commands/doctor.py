@@ -134,7 +134,7 @@ def _doctor(_: DoctorConfig) -> int:
         devices = ["cpu"] + [f"cuda:{i}" for i in range(gpus)]
         for device in devices:
             for precision in ("fp32", "bf16"):
-                for cell in ("reset_after", "reset_before"):
+                for cell in ("reset_after", "reset_before", "lstm"):
                     label = f"{device} {precision} {cell}"
                     results.append(_row(label, lambda: check_single(text, work, device, precision, cell)))
         if gpus == 0:

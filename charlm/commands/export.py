@@ -44,9 +44,11 @@ def _export_command(cfg: ExportConfig) -> None:
         from charlm.interop.page import write_page
 
         out = write_page(state, Path(cfg.out or path.parent / "model.html"), title=str(path))
-        print(f"wrote {out}: {mc['d_model']}x{mc['n_layers']} GRU ({mc['cell']}) in one page, {out.stat().st_size:,}"
-              " bytes; open it in a browser (no server, no network)")
+        print(f"wrote {out}: {mc['d_model']}x{mc['n_layers']} {_cell(mc['cell'])} in one page,"
+              f" {out.stat().st_size:,} bytes; open it in a browser (no server, no network)")
         return
+    if cfg.format == "keras" and mc["cell"] == "lstm":
+        raise CharlmError(f"{path} is an LSTM; format=keras writes Keras GRU weights: use format=onnx or format=html")
     if cfg.format == "keras":
         out = Path(cfg.out or path.parent / "keras_weights.npz")
         np.savez(out, *to_keras(state))
@@ -61,9 +63,14 @@ def _export_command(cfg: ExportConfig) -> None:
     from charlm.interop.onnx import export_onnx
 
     export_onnx(model_from_state(state), out)
-    print(f"wrote {out}: one decoding step of {path} ({mc['d_model']}x{mc['n_layers']} GRU)\n"
-          f"inputs  byte (N,) int64, hidden ({mc['n_layers']}, N, {mc['d_model']}) float32\n"
-          f"outputs log_probs (N, 256) float32, hidden_out ({mc['n_layers']}, N, {mc['d_model']}) float32")
+    state_size = 2 * mc["d_model"] if mc["cell"] == "lstm" else mc["d_model"]  # the LSTM's [h, c] side by side
+    print(f"wrote {out}: one decoding step of {path} ({mc['d_model']}x{mc['n_layers']} {_cell(mc['cell'])})\n"
+          f"inputs  byte (N,) int64, hidden ({mc['n_layers']}, N, {state_size}) float32\n"
+          f"outputs log_probs (N, 256) float32, hidden_out ({mc['n_layers']}, N, {state_size}) float32")
+
+
+def _cell(cell: str) -> str:
+    return "LSTM" if cell == "lstm" else f"GRU ({cell})"
 
 
 if __name__ == "__main__":

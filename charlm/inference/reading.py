@@ -38,21 +38,23 @@ FEATURES = {
 def read_text(model: CharLM, data: bytes, device: torch.device | str = "cpu") -> dict[str, Any]:
     """Per-byte numbers for data (see the module docstring), as numpy arrays:
 
-    surprisal (T,) bits, top_bytes (T, 5), top_probs (T, 5), z_mean and r_mean (L, T),
-    units (L, T, D) hidden state after reading each byte.
+    surprisal (T,) bits, top_bytes (T, 5), top_probs (T, 5), gates (the gates' names: z and r for
+    a GRU, i, f and o for the LSTM) with <gate>_mean (L, T) for each, units (L, T, D) each layer's
+    output h after reading each byte.
     """
     model.eval()
     step = Stepper(model)
+    gates = ("i", "f", "o") if model.config.cell == "lstm" else ("z", "r")
     inputs = torch.tensor([START_BYTE, *data], dtype=torch.long, device=device)
     h = model.init_hidden(1, device)
-    predictions, z_mean, r_mean, units = [], [], [], []
+    predictions, means, units = [], {g: [] for g in gates}, []
     for t in range(len(inputs)):
         log_probs, h, seen = step(inputs[t : t + 1], h, gates=True)
         predictions.append(log_probs[0])  # of byte t (the next one)
         if t > 0:  # the step that read byte t-1
-            z_mean.append(torch.stack([g["z"].mean() for g in seen["layers"]]))
-            r_mean.append(torch.stack([g["r"].mean() for g in seen["layers"]]))
-            units.append(h[:, 0])
+            for g in gates:
+                means[g].append(torch.stack([layer[g].mean() for layer in seen["layers"]]))
+            units.append(torch.stack([layer["h"][0] for layer in seen["layers"]]))
     log_probs = torch.stack(predictions[:-1])  # (T, 256): the prediction of byte t
     target = torch.tensor(list(data), dtype=torch.long, device=device)
     top = torch.topk(log_probs, 5, dim=-1)
@@ -60,8 +62,8 @@ def read_text(model: CharLM, data: bytes, device: torch.device | str = "cpu") ->
         "surprisal": (-log_probs.gather(1, target[:, None])[:, 0] / math.log(2)).cpu().numpy(),
         "top_bytes": top.indices.cpu().numpy(),
         "top_probs": top.values.exp().cpu().numpy(),
-        "z_mean": torch.stack(z_mean, 1).cpu().numpy(),
-        "r_mean": torch.stack(r_mean, 1).cpu().numpy(),
+        "gates": list(gates),
+        **{f"{g}_mean": torch.stack(means[g], 1).cpu().numpy() for g in gates},
         "units": torch.stack(units, 1).cpu().numpy(),
     }
 
@@ -143,8 +145,8 @@ def write_page(path: str | Path, data: bytes, numbers: dict[str, Any], about: di
         "surprisal": [round(float(v), 5) for v in numbers["surprisal"]],
         "top_bytes": numbers["top_bytes"].tolist(),
         "top_probs": np.round(numbers["top_probs"], 4).tolist(),
-        "z_mean": np.round(numbers["z_mean"], 4).tolist(),
-        "r_mean": np.round(numbers["r_mean"], 4).tolist(),
+        "gates": numbers["gates"],
+        **{f"{g}_mean": np.round(numbers[f"{g}_mean"], 4).tolist() for g in numbers["gates"]},
         # each unit's activation (tanh-bounded, in [-1, 1]) in 1/127 steps: a page of a few MB
         "units": base64.b64encode(np.clip(np.round(units * 127), -127, 127).astype(np.int8).tobytes()).decode(),
         "correlated": correlated_units(units, text_features(data)),

@@ -26,7 +26,7 @@ class DecodeStep(nn.Module):
         self.model = model
 
     def forward(self, byte: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        log_probs, hidden_out = self.model(byte.unsqueeze(1), hidden)  # (N, 1, 256), (L, N, D)
+        log_probs, hidden_out = self.model(byte.unsqueeze(1), hidden)  # (N, 1, 256), (L, N, state)
         return log_probs[:, 0], hidden_out
 
 
@@ -35,10 +35,10 @@ def export_onnx(model: CharLM, out: str | Path, opset: int = 17) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     model = copy.deepcopy(model).eval().cpu()
-    if isinstance(model.gru, nn.GRU):
+    if isinstance(model.recurrent, (nn.GRU, nn.LSTM)):
         # Dropout between layers does nothing at inference, but the exporter wires a stacked
         # nn.GRU that has it differently: the graph then computes other numbers (0.15 nats off).
-        model.gru.dropout = 0.0
+        model.recurrent.dropout = 0.0
     step = DecodeStep(model)
     byte = torch.zeros(2, dtype=torch.long)
     hidden = model.init_hidden(2)

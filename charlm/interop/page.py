@@ -4,7 +4,8 @@ plain JavaScript for both GRU cells. No library, no server, no network: open it 
 
 The weights travel as one base64 blob of float16 values, tensor after tensor in the order of
 `TENSORS`; the page turns them back into float32 arrays and steps the model byte by byte exactly
-as charlm.model.stepping.Stepper does (gate blocks r, z, n; h' = z*h + (1-z)*n).
+as charlm.model.stepping.Stepper does (GRU gate blocks r, z, n, h' = z*h + (1-z)*n; LSTM blocks
+i, f, g, o, c' = f*c + i*g, h' = o*tanh(c')).
 """
 from __future__ import annotations
 
@@ -19,15 +20,16 @@ import numpy as np
 import torch
 
 
-def tensor_names(n_layers: int) -> list[str]:
+def tensor_names(n_layers: int, cell: str) -> list[str]:
     """The state_dict keys the page reads, in the order they are packed."""
-    layers = [f"gru.{w}_l{k}" for k in range(n_layers) for w in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+    rnn = "lstm" if cell == "lstm" else "gru"
+    layers = [f"{rnn}.{w}_l{k}" for k in range(n_layers) for w in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
     return ["embed.weight", *layers, "head.weight", "head.bias"]
 
 
 def half_weights(state: dict[str, Any]) -> dict[str, np.ndarray]:
     """The model's weights as the page holds them: float16 (what it computes with, in float32)."""
-    names = tensor_names(state["model_config"]["n_layers"])
+    names = tensor_names(state["model_config"]["n_layers"], state["model_config"]["cell"])
     return {name: state["model"][name].detach().to(torch.float16).cpu().numpy() for name in names}
 
 

@@ -1,4 +1,5 @@
-"""GRU layers written out: the reset-before cell, and one step of either cell with its gates.
+"""Recurrent layers written out: the reset-before GRU cell, one step of either GRU cell with its
+gates, and one step of an nn.LSTM layer with its gates.
 
 Both use nn.GRU's parameter names and layout (weight_ih_l{k} (3U, in), weight_hh_l{k} (3U, U),
 bias_ih_l{k}, bias_hh_l{k}; gate blocks r, z, n), so checkpoints of either cell look alike and
@@ -13,7 +14,7 @@ from torch import nn
 
 
 def layer_weights(gru: nn.Module, k: int) -> tuple[torch.Tensor, ...]:
-    """(weight_ih, weight_hh, bias_ih, bias_hh) of layer k of an nn.GRU or a ResetBeforeGRU."""
+    """(weight_ih, weight_hh, bias_ih, bias_hh) of layer k of an nn.GRU, a ResetBeforeGRU or an nn.LSTM."""
     return tuple(getattr(gru, f"{n}_l{k}") for n in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
 
 
@@ -80,3 +81,19 @@ def step_with_gates(
         z = torch.sigmoid(gi[:, u : 2 * u] + gh[:, u:])
         n = torch.tanh(gi[:, 2 * u :] + (r * h) @ w_hh[2 * u :].t() + b_hh[2 * u :])
     return {"h": z * h + (1 - z) * n, "r": r, "z": z, "n": n}
+
+
+def lstm_step_with_gates(
+    x: torch.Tensor, state: torch.Tensor, weights: tuple[torch.Tensor, ...]
+) -> dict[str, torch.Tensor]:
+    """One step of one nn.LSTM layer (gate blocks i, f, g, o): x (B, in), state [h, c] (B, 2U)
+    -> {"state" (B, 2U), "h", "c", "i", "f", "g", "o"}, each but state (B, U)."""
+    w_ih, w_hh, b_ih, b_hh = weights
+    u = w_hh.size(1)
+    h, c = state[:, :u], state[:, u:]
+    gates = x @ w_ih.t() + b_ih + h @ w_hh.t() + b_hh
+    i, f, o = (torch.sigmoid(gates[:, k * u : (k + 1) * u]) for k in (0, 1, 3))
+    g = torch.tanh(gates[:, 2 * u : 3 * u])
+    c_new = f * c + i * g
+    h_new = o * torch.tanh(c_new)
+    return {"state": torch.cat([h_new, c_new], dim=-1), "h": h_new, "c": c_new, "i": i, "f": f, "g": g, "o": o}

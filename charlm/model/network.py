@@ -1,10 +1,17 @@
-"""The byte-level GRU language model: Embedding -> GRU x n_layers -> Linear -> LogSoftmax.
+"""The byte-level language model: Embedding -> GRU (or LSTM) x n_layers -> Linear -> LogSoftmax.
 
 The GRU is nn.GRU (reset gate after the recurrent matmul, cuDNN on CUDA; on CPU in float32 its
 layers run through charlm.model.fused_gru for training, which computes the same thing faster) or, with
-model.cell=reset_before, charlm.model.gru.ResetBeforeGRU (the Trax/d2l cell).
+model.cell=reset_before, charlm.model.gru.ResetBeforeGRU (the Trax/d2l cell). model.cell=lstm is
+nn.LSTM (oneDNN's fused kernel on the CPU, cuDNN on CUDA).
+
+The recurrent state is one tensor (n_layers, B, state_size) for every cell, so that training,
+resume, torchrun lanes and decoding carry it alike: h for a GRU (state_size = d_model), and
+[h, c] side by side for the LSTM (state_size = 2 * d_model).
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import nn
@@ -27,6 +34,8 @@ class CharLM(nn.Module):
         between = config.dropout if config.n_layers > 1 else 0.0
         if config.cell == "reset_before":
             self.gru: nn.Module = ResetBeforeGRU(config.d_model, config.d_model, config.n_layers, between)
+        elif config.cell == "lstm":  # its weights are lstm.weight_ih_l0, ...: gate blocks i, f, g, o
+            self.lstm = nn.LSTM(config.d_model, config.d_model, config.n_layers, dropout=between, batch_first=True)
         else:
             self.gru = nn.GRU(config.d_model, config.d_model, config.n_layers, dropout=between, batch_first=True)
         self.drop = nn.Dropout(config.dropout)
@@ -35,12 +44,17 @@ class CharLM(nn.Module):
     def forward(
         self, x: torch.Tensor, h: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B, T) int64 bytes, h (n_layers, B, d_model) or None -> log_probs (B, T, 256), h.
+        """x (B, T) int64 bytes, h (n_layers, B, state_size) or None -> log_probs (B, T, 256), h.
 
         log_probs[:, t] is the distribution of the byte that follows x[:, t].
         """
         e = self.drop(self.embed(x))  # (B, T, D)
-        if can_fuse(self.gru, e):
+        if self.config.cell == "lstm":
+            hc = None if h is None else tuple(s.contiguous() for s in h.float().chunk(2, dim=-1))
+            with torch.autocast("cuda", enabled=False) if e.is_cuda and torch.is_autocast_enabled("cuda") else _same():
+                out, (h_n, c_n) = self.lstm(e.float() if e.is_cuda else e, hc)  # cuDNN stays float32, as for the GRU
+            h = torch.cat([h_n, c_n], dim=-1)  # (L, B, 2D)
+        elif can_fuse(self.gru, e):
             out, h = fused_gru(self.gru, e, h)  # (B, T, D), (L, B, D)
         elif isinstance(self.gru, nn.GRU) and e.is_cuda and torch.is_autocast_enabled("cuda"):
             # Autocast runs cuDNN's RNN in float16 whatever dtype it was asked for (no loss
@@ -55,10 +69,25 @@ class CharLM(nn.Module):
         log_probs = torch.log_softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
         return log_probs, h.float()
 
+    @property
+    def recurrent(self) -> nn.Module:
+        """The stacked recurrent layers: self.gru (either GRU cell) or self.lstm."""
+        return self.lstm if self.config.cell == "lstm" else self.gru
+
+    @property
+    def state_size(self) -> int:
+        """Width of the recurrent state per layer: d_model (GRU), or 2 * d_model for the LSTM's [h, c]."""
+        return 2 * self.config.d_model if self.config.cell == "lstm" else self.config.d_model
+
     def init_hidden(self, batch_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
-        """A zero hidden state (n_layers, batch_size, d_model): the start of a text."""
-        return torch.zeros(self.config.n_layers, batch_size, self.config.d_model, device=device)
+        """A zero recurrent state (n_layers, batch_size, state_size): the start of a text."""
+        return torch.zeros(self.config.n_layers, batch_size, self.state_size, device=device)
 
     def num_parameters(self) -> int:
         """Number of trainable parameters."""
         return sum(p.numel() for p in self.parameters())
+
+
+def _same() -> contextlib.AbstractContextManager:
+    """No change of autocast (the CPU's bf16 autocast runs nn.LSTM through oneDNN in bf16)."""
+    return contextlib.nullcontext()

@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import torch
 
-from charlm.model.gru import layer_weights, step_with_gates
+from charlm.model.gru import layer_weights, lstm_step_with_gates, step_with_gates
 from charlm.model.network import CharLM
 
 
@@ -17,15 +17,15 @@ class Stepper:
 
     For nn.GRU the embedding and layer 0's input projection are folded into one (256, 3D) table
     read by byte, weights are transposed once, and nothing is allocated for a time axis; the
-    reset-before cell steps through the model's own forward. With gates=True each layer is
-    stepped with charlm.model.gru.step_with_gates (the same maths, either cell), which also gives
-    its gates. Build it after the weights stop changing (it copies them).
+    reset-before cell and the LSTM step through the model's own forward. With gates=True each
+    layer is stepped with charlm.model.gru's step_with_gates or lstm_step_with_gates (the same
+    maths), which also give its gates. Build it after the weights stop changing (it copies them).
     """
 
     def __init__(self, model: CharLM):
         self.model = model
-        self.fast = isinstance(model.gru, torch.nn.GRU)
-        self.weights = [layer_weights(model.gru, k) for k in range(model.config.n_layers)]
+        self.fast = isinstance(model.recurrent, torch.nn.GRU)
+        self.weights = [layer_weights(model.recurrent, k) for k in range(model.config.n_layers)]
         if not self.fast:
             return
         w_ih, _, b_ih, _ = self.weights[0]
@@ -39,8 +39,9 @@ class Stepper:
 
     def __call__(self, byte: torch.Tensor, h: torch.Tensor, gates: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor, Optional[dict[str, Any]]]:
-        """(log_probs (N, 256), new h (L, N, D), None or {"logits": (N, 256), "layers": one dict of
-        "h", "r", "z", "n" (each (N, D)) per layer}) after reading byte (N,) from state h."""
+        """(log_probs (N, 256), new state (L, N, state_size), None or {"logits": (N, 256), "layers": one
+        dict per layer of its output "h" and its gates, each (N, D): "r", "z", "n" for a GRU cell,
+        "i", "f", "g", "o" (and "c") for the LSTM}) after reading byte (N,) from state h."""
         if gates:
             return self._with_gates(byte, h)
         if not self.fast:
@@ -61,11 +62,11 @@ class Stepper:
 
     def _with_gates(self, byte: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         x = self.model.embed(byte)  # (N, D)
-        layers = []
+        cell, layers = self.model.config.cell, []
         for k, w in enumerate(self.weights):
-            g = step_with_gates(x, h[k], w, self.model.config.cell)
+            g = lstm_step_with_gates(x, h[k], w) if cell == "lstm" else step_with_gates(x, h[k], w, cell)
             layers.append(g)
             x = g["h"]
         logits = self.model.head(x)
-        return torch.log_softmax(logits, dim=-1), torch.stack([g["h"] for g in layers]), {"logits": logits,
-                                                                                         "layers": layers}
+        state = torch.stack([g.get("state", g["h"]) for g in layers])
+        return torch.log_softmax(logits, dim=-1), state, {"logits": logits, "layers": layers}

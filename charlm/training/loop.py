@@ -100,7 +100,8 @@ class Trainer:
         epoch_bytes = self.batches.n_windows * tc.batch_size * tc.seq_len if self.batches else len(self.train_data)
         return (
             f"{cfg.data.name}: {len(self.train_data):,} train / {_val_scored(len(self.val_data), val_total)} val"
-            f" bytes | model {cfg.model.d_model}x{cfg.model.n_layers} GRU, {self.model.num_parameters() / 1e6:.2f}M"
+            f" bytes | model {cfg.model.d_model}x{cfg.model.n_layers} {'LSTM' if cfg.model.cell == 'lstm' else 'GRU'},"
+            f" {self.model.num_parameters() / 1e6:.2f}M"
             " params | " + (f"a {budget:g} s budget of steps of " if budget else f"{tc.max_steps} steps of ")
             + f"{tc.batch_size}x{tc.seq_len} "
             + ("" if budget else f"({tc.max_steps * tc.batch_size * tc.seq_len / epoch_bytes:.1f} epochs) ")
