@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from charlm import load_model
 from charlm.data.tokenizer import START_BYTE
-from conftest import TINY, copy_run, run_cli
+from conftest import TINY, copy_run, run_cli, small_text
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +104,11 @@ def test_dynamic_evaluation_scores_each_window_before_learning_from_it(trained):
     result = json.loads(run_cli("evaluate.py", "checkpoint=run", "data=text", "data.path=other.txt", "dynamic=true",
                                 f"dynamic_window={n}", "dynamic_lr=10", "format=json", cwd=trained).stdout)
     assert result["dynamic_loss"] == pytest.approx(result["loss"], abs=1e-5)
+
+
+def test_a_long_scoring_outside_a_terminal_says_how_far_it_is_in_plain_lines(trained):
+    (trained / "long.txt").write_text(small_text() * 6, encoding="utf-8")  # about 130 KB
+    proc = run_cli("evaluate.py", "checkpoint=run", "data=text", "data.path=long.txt", cwd=trained)
+    lines = proc.stderr.splitlines()
+    assert "\r" not in proc.stderr and lines[-1].startswith("scoring: 100% (")
+    assert [int(line.split(":")[1].split("%")[0]) for line in lines] == list(range(10, 101, 10))

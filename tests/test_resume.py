@@ -1,5 +1,7 @@
 """Resume does what docs/resume.md says: the run's own command resumes it, every override takes
 effect or is refused, and a changed batch restarts the lanes instead of mixing up their states."""
+import json
+import math
 import shutil
 import signal
 import time
@@ -101,3 +103,28 @@ def test_a_checkpoint_written_by_earlier_code_loads_resumes_and_samples(tmp_path
     resumed = run_cli("train.py", "train.resume=old.pt", "train.max_steps=6", cwd=tmp_path)
     assert "resumed from step 4" in resumed.stdout
     assert load_checkpoint(tmp_path / "old" / "last.pt")["step"] == 6  # the run's own out_dir, as saved
+
+
+@pytest.mark.system
+def test_an_lstm_resumes_exactly_fine_tunes_and_is_scored_dynamically(tmp_path):
+    """The LSTM's state ([h, c]) and its dropout streams come back from a checkpoint bit for bit:
+    a run stopped by SIGTERM and resumed ends where the same run in one go ends."""
+    (tmp_path / "notes.txt").write_text(small_text(), encoding="utf-8")
+    args = ("data=text", "data.path=notes.txt", *TINY, "model.cell=lstm", "model.n_layers=2", "model.dropout=0.1",
+            "train.max_steps=40", "train.eval_every=10")
+    run_cli("train.py", *args, "out_dir=one_go", cwd=tmp_path)
+    proc = start_training(tmp_path, *args, "out_dir=halves")
+    wait_for(tmp_path / "halves" / "last.pt", proc)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    assert proc.returncode == 143 and 10 <= load_checkpoint(tmp_path / "halves" / "last.pt")["step"] < 40
+    run_cli("train.py", "train.resume=halves", cwd=tmp_path)
+    a, b = load_checkpoint(tmp_path / "one_go" / "last.pt"), load_checkpoint(tmp_path / "halves" / "last.pt")
+    assert a["model_config"]["cell"] == "lstm" and a["hidden"].shape == (2, 8, 64)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]) and torch.equal(a["hidden"], b["hidden"])
+    not_model = [a for a in TINY if not a.startswith("model.")]  # the size and cell come from the source
+    tuned = run_cli("train.py", "data=text", "data.path=notes.txt", *not_model, "train.max_steps=3",
+                    "train.init_from=one_go", "out_dir=tuned", cwd=tmp_path)
+    assert "init_from: " in tuned.stdout and "32x2 LSTM" in tuned.stdout
+    scored = json.loads(run_cli("evaluate.py", "checkpoint=tuned", "dynamic=true", "format=json", cwd=tmp_path).stdout)
+    assert math.isfinite(scored["dynamic_loss"]) and math.isfinite(scored["loss"])

@@ -76,12 +76,38 @@ def evaluate(cfg: EvaluateConfig, data_given: bool = True) -> dict[str, Any]:
     return result
 
 
+LONG = 100_000  # bytes from which a scoring shows its progress
+
+
 def _bar(total: int, what: str) -> Any:
-    """A bar on stderr for a long scoring, shown on a terminal only (stdout keeps just the figures)."""
+    """Progress on stderr for a long scoring (stdout keeps just the figures): a bar on a terminal,
+    elsewhere (a log file, a pipe) a plain line at every tenth of the text."""
     from tqdm import tqdm
 
+    if total >= LONG and not sys.stderr.isatty():
+        return _Lines(total, what)
     return tqdm(total=total, desc=what, unit="B", unit_scale=True, file=sys.stderr, leave=False,
-                disable=None if total >= 100_000 else True)
+                disable=None if total >= LONG else True)
+
+
+class _Lines:
+    """`scoring: 30% (300,000 of 1,000,000 bytes)` lines, for output that is not a terminal."""
+
+    def __init__(self, total: int, what: str) -> None:
+        self.total, self.what, self.done, self.said = total, what, 0, 0
+
+    def update(self, n: int) -> None:
+        self.done += n
+        tenth = 10 * self.done // self.total
+        if tenth > self.said:
+            self.said = tenth
+            print(f"{self.what}: {10 * tenth}% ({self.done:,} of {self.total:,} bytes)", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> "_Lines":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
 
 
 def _scored_text(cfg: EvaluateConfig, data_given: bool) -> tuple[Path, Any, Path, str, Any]:
