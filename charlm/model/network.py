@@ -12,6 +12,7 @@ resume, torchrun lanes and decoding carry it alike: h for a GRU (state_size = d_
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 from torch import nn
@@ -52,7 +53,7 @@ class CharLM(nn.Module):
         if self.config.cell == "lstm":
             hc = None if h is None else tuple(s.contiguous() for s in h.float().chunk(2, dim=-1))
             with torch.autocast("cuda", enabled=False) if e.is_cuda and torch.is_autocast_enabled("cuda") else _same():
-                out, (h_n, c_n) = self.lstm(e.float() if e.is_cuda else e, hc)  # cuDNN stays float32, as for the GRU
+                out, (h_n, c_n) = _run_lstm(self.lstm, e.float() if e.is_cuda else e, hc)  # cuDNN stays float32
             h = torch.cat([h_n, c_n], dim=-1)  # (L, B, 2D)
         elif can_fuse(self.gru, e):
             out, h = fused_gru(self.gru, e, h)  # (B, T, D), (L, B, D)
@@ -86,6 +87,26 @@ class CharLM(nn.Module):
     def num_parameters(self) -> int:
         """Number of trainable parameters."""
         return sum(p.numel() for p in self.parameters())
+
+
+_ONEDNN_LSTM = [True]  # until oneDNN, asked once, cannot build an LSTM on this CPU
+
+
+def _run_lstm(lstm: nn.LSTM, x: torch.Tensor, hc: tuple[torch.Tensor, torch.Tensor] | None) -> tuple:
+    """nn.LSTM through oneDNN's fused kernel where oneDNN has one for this CPU, else PyTorch's own
+    loop (same results: oneDNN finds no LSTM implementation on some instruction sets, e.g. with
+    ONEDNN_MAX_CPU_ISA=AVX2)."""
+    if _ONEDNN_LSTM[0] or x.device.type != "cpu":
+        try:
+            return lstm(x, hc)
+        except RuntimeError as e:
+            if "primitive descriptor" not in str(e) or x.device.type != "cpu":
+                raise
+            _ONEDNN_LSTM[0] = False
+    with warnings.catch_warnings():  # flags() also sets TF32 and warns that there is no Intel GPU
+        warnings.simplefilter("ignore", UserWarning)
+        with torch.backends.mkldnn.flags(enabled=False):
+            return lstm(x, hc)
 
 
 def _same() -> contextlib.AbstractContextManager:
