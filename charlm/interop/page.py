@@ -3,7 +3,7 @@ file (charlm/interop/model_page.html) holding the weights, as float16, and the m
 plain JavaScript for both GRU cells. No library, no server, no network: open it from disk.
 
 The weights travel as one base64 blob of float16 values, tensor after tensor in the order of
-`TENSORS`; the page turns them back into float32 arrays and steps the model byte by byte exactly
+`tensor_names`; the page turns them back into float32 arrays and steps the model byte by byte exactly
 as charlm.model.stepping.Stepper does (GRU gate blocks r, z, n, h' = z*h + (1-z)*n; LSTM blocks
 i, f, g, o, c' = f*c + i*g, h' = o*tanh(c')).
 """

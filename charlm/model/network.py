@@ -89,20 +89,21 @@ class CharLM(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-_ONEDNN_LSTM = [True]  # until oneDNN, asked once, cannot build an LSTM on this CPU
+_onednn_lstm = True  # until oneDNN, asked once, cannot build an LSTM on this CPU
 
 
 def _run_lstm(lstm: nn.LSTM, x: torch.Tensor, hc: tuple[torch.Tensor, torch.Tensor] | None) -> tuple:
     """nn.LSTM through oneDNN's fused kernel where oneDNN has one for this CPU, else PyTorch's own
     loop (same results: oneDNN finds no LSTM implementation on some instruction sets, e.g. with
     ONEDNN_MAX_CPU_ISA=AVX2)."""
-    if _ONEDNN_LSTM[0] or x.device.type != "cpu":
+    global _onednn_lstm
+    if _onednn_lstm or x.device.type != "cpu":
         try:
             return lstm(x, hc)
         except RuntimeError as e:
             if "primitive descriptor" not in str(e) or x.device.type != "cpu":
                 raise
-            _ONEDNN_LSTM[0] = False
+            _onednn_lstm = False
     with warnings.catch_warnings():  # flags() also sets TF32 and warns that there is no Intel GPU
         warnings.simplefilter("ignore", UserWarning)
         with torch.backends.mkldnn.flags(enabled=False):
