@@ -54,11 +54,13 @@ def test_fused_gru_matches_nn_gru_values_and_gradients(layers, dropout):
         assert torch.allclose(a, b, atol=1e-10)
 
 
-def test_model_takes_the_fused_path_on_cpu_fp32_only():
+def test_model_takes_the_fused_path_on_cpu_in_fp32_and_bf16():
     m = CharLM(ModelConfig(d_model=8, n_layers=1))
     x = torch.zeros(1, 1, 8)
     assert can_fuse(m.gru, x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert can_fuse(m.gru, x)
+    with torch.autocast("cpu", dtype=torch.float16):  # no fused float16 path
         assert not can_fuse(m.gru, x)
     assert not can_fuse(CharLM(ModelConfig(d_model=8, n_layers=1, cell="reset_before")).gru, x)
     with torch.no_grad():  # evaluation: nn.GRU's own loop is faster there

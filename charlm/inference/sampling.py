@@ -6,6 +6,7 @@ from typing import Iterator, Optional
 import torch
 
 from charlm.data.tokenizer import START_BYTE, StreamDecoder, decode
+from charlm.model import native
 from charlm.model.network import CharLM
 from charlm.model.stepping import Stepper
 
@@ -25,6 +26,10 @@ def next_byte(
     """
     if temperature == 0:
         return log_probs.argmax(dim=-1)
+    if top_k is None and top_p is None and log_probs.device.type == "cpu":
+        ops = native.ops()
+        if ops is not None:  # the same draw in one call (native_gru.cpp)
+            return ops.draw(log_probs, float(temperature), generator)
     logits = log_probs.float() / temperature
     if top_k is not None and top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]

@@ -15,66 +15,112 @@ where autograd through nn.GRU does a small weight-gradient matmul at every step.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from charlm.model import native
 from charlm.model.gru import layer_weights
 
 
+def forward_loop(gi, h0, w_hh_t, b_hh):
+    """The time loop of the forward pass in PyTorch's operations: what native_gru.cpp's
+    gru_forward computes. gi (T, B, 3H) = W_i x + b_i and w_hh_t (H, 3H) in the matmul dtype,
+    h0 (B, H) and b_hh float32 -> out (T, B, H) float32, out in the matmul dtype, and the gates
+    saved for backward_loop: rz (T, B, 2H), n (T, B, H), ghn = W_hn h + b_hn (T, B, H)."""
+    seq, batch, three = gi.shape
+    hid = three // 3
+    f32 = dict(dtype=h0.dtype, device=h0.device)
+    out, rz = torch.empty(seq, batch, hid, **f32), torch.empty(seq, batch, 2 * hid, **f32)
+    n, ghn = torch.empty(seq, batch, hid, **f32), torch.empty(seq, batch, hid, **f32)
+    out_mm = out if gi.dtype == h0.dtype else torch.empty(seq, batch, hid, dtype=gi.dtype, device=gi.device)
+    h, h_mm = h0, h0.to(gi.dtype)
+    for t in range(seq):
+        gh = torch.addmm(b_hh, h_mm, w_hh_t) if gi.dtype == b_hh.dtype else torch.mm(h_mm, w_hh_t).to(h.dtype) + b_hh
+        torch.sigmoid(gi[t, :, : 2 * hid] + gh[:, : 2 * hid], out=rz[t])
+        ghn[t] = gh[:, 2 * hid :]
+        torch.tanh(torch.addcmul(gi[t, :, 2 * hid :], rz[t, :, :hid], ghn[t]), out=n[t])
+        h = torch.lerp(n[t], h, rz[t, :, hid:], out=out[t])  # n + z * (h - n)
+        if out_mm is not out:
+            out_mm[t] = h
+        h_mm = out_mm[t]
+    return out, out_mm, rz, n, ghn
+
+
+def backward_loop(d_out, h0, out, rz, n, ghn, w_hh):
+    """The time loop of the backward pass in PyTorch's operations: what native_gru.cpp's
+    gru_backward computes. -> d_gi = dL/d(W_i x + b_i), d_gh = dL/d(W_h h + b_h), each (T, B, 3H)
+    in the dtype of w_hh (3H, H), and dL/dh0 (B, H)."""
+    seq, batch, hid = out.shape
+    d_gi = torch.empty(seq, batch, 3 * hid, dtype=w_hh.dtype, device=out.device)
+    d_gh = torch.empty(seq, batch, 3 * hid, dtype=w_hh.dtype, device=out.device)
+    carry = torch.zeros_like(h0)  # dL/dh flowing back from step t+1
+    # Step by step, so each step's tensors stay in cache; the weight gradients come after.
+    for t in range(seq - 1, -1, -1):
+        r, z, n_t = rz[t, :, :hid], rz[t, :, hid:], n[t]
+        h_prev = out[t - 1] if t > 0 else h0
+        dh = carry + d_out[t]
+        d_pre_n = dh * (1 - z) * (1 - n_t * n_t)
+        d_r = d_pre_n * ghn[t] * r * (1 - r)
+        d_z = dh * (h_prev - n_t) * z * (1 - z)
+        d_gi[t] = torch.cat([d_r, d_z, d_pre_n], dim=1)
+        d_gh[t] = torch.cat([d_r, d_z, d_pre_n * r], dim=1)
+        carry = torch.addmm(dh * z, d_gh[t], w_hh) if w_hh.dtype == dh.dtype else dh * z + d_gh[t] @ w_hh
+    return d_gi, d_gh, carry
+
+
 class GRULayer(torch.autograd.Function):
-    """One layer over a time-major sequence: x (T, B, I), h0 (B, H) -> out (T, B, H)."""
+    """One layer over a time-major sequence: x (T, B, I), h0 (B, H) -> out (T, B, H), float32.
+
+    mm_dtype: the dtype of every matmul (float32, or bfloat16 under bf16 autocast: the weights
+    are cast once per call); the gates, the state and the gradients it returns keep the dtype of
+    the weights. The time loops are native_gru.cpp's where it loads, else forward_loop and
+    backward_loop.
+    """
 
     @staticmethod
-    def forward(ctx: Any, x, h0, w_ih, w_hh, b_ih, b_hh):  # type: ignore[override]
+    def forward(ctx: Any, x, h0, w_ih, w_hh, b_ih, b_hh, mm_dtype):  # type: ignore[override]
+        with torch.autocast("cpu", enabled=False):  # the dtypes are chosen here, op by op
+            return GRULayer._forward(ctx, x, h0, w_ih, w_hh, b_ih, b_hh, mm_dtype)
+
+    @staticmethod
+    def _forward(ctx: Any, x, h0, w_ih, w_hh, b_ih, b_hh, mm_dtype):
         seq, batch, _ = x.shape
         hid = w_hh.size(1)
-        gi = torch.addmm(b_ih, x.reshape(seq * batch, -1), w_ih.t()).view(seq, batch, 3 * hid)
-        out = x.new_empty(seq, batch, hid)
-        rz = x.new_empty(seq, batch, 2 * hid)  # sigmoid gates r, z
-        n = x.new_empty(seq, batch, hid)  # candidate
-        ghn = x.new_empty(seq, batch, hid)  # W_hn h + b_hn, which r multiplies
-        w_hh_t = w_hh.t()
-        h = h0
-        for t in range(seq):
-            gh = torch.addmm(b_hh, h, w_hh_t)
-            torch.sigmoid(gi[t, :, : 2 * hid] + gh[:, : 2 * hid], out=rz[t])
-            ghn[t] = gh[:, 2 * hid :]
-            torch.tanh(torch.addcmul(gi[t, :, 2 * hid :], rz[t, :, :hid], ghn[t]), out=n[t])
-            h = torch.lerp(n[t], h, rz[t, :, hid:], out=out[t])  # n + z * (h - n)
-        ctx.save_for_backward(x, h0, w_ih, w_hh, out, rz, n, ghn)
+        x_mm, w_ih_mm, w_hh_mm = x.to(mm_dtype), w_ih.to(mm_dtype), w_hh.to(mm_dtype)
+        # transposed copies: a matmul reads a contiguous (in, 3H) operand fastest
+        w_ih_t, w_hh_t = w_ih_mm.t().contiguous(), w_hh_mm.t().contiguous()
+        gi = torch.addmm(b_ih.to(mm_dtype), x_mm.reshape(seq * batch, -1), w_ih_t).view(seq, batch, 3 * hid)
+        h0 = h0.to(w_hh.dtype).contiguous()
+        ops = _native(mm_dtype)
+        out, out_mm, rz, n, ghn = (ops.gru_forward if ops else forward_loop)(gi, h0, w_hh_t, b_hh)
+        ctx.save_for_backward(x_mm, h0, w_ih_mm, w_hh_mm, out, out_mm, rz, n, ghn)
+        ctx.param_dtype, ctx.x_dtype = w_hh.dtype, x.dtype
         return out
 
     @staticmethod
     def backward(ctx: Any, d_out):  # type: ignore[override]
-        x, h0, w_ih, w_hh, out, rz, n, ghn = ctx.saved_tensors
+        x_mm, h0, w_ih_mm, w_hh_mm, out, out_mm, rz, n, ghn = ctx.saved_tensors
         seq, batch, hid = out.shape
-        d_out = d_out.contiguous()
-        d_gh = torch.empty(seq, batch, 3 * hid, dtype=out.dtype, device=out.device)  # dL/d(W_h h + b_h)
-        d_gin = torch.empty(seq, batch, hid, dtype=out.dtype, device=out.device)  # dL/d(W_in x + b_in)
-        carry = torch.zeros_like(h0)  # dL/dh flowing back from step t+1
-        # Step by step, so each step's tensors stay in cache; the weight gradients come after.
-        for t in range(seq - 1, -1, -1):
-            r, z, n_t = rz[t, :, :hid], rz[t, :, hid:], n[t]
-            h_prev = out[t - 1] if t > 0 else h0
-            dh = carry + d_out[t]
-            d_pre_n = torch.mul(dh * (1 - z), 1 - n_t * n_t, out=d_gin[t])
-            torch.mul(d_pre_n * ghn[t], r * (1 - r), out=d_gh[t, :, :hid])
-            torch.mul(dh * (h_prev - n_t), z * (1 - z), out=d_gh[t, :, hid : 2 * hid])
-            torch.mul(d_pre_n, r, out=d_gh[t, :, 2 * hid :])
-            carry = torch.addmm(dh * z, d_gh[t], w_hh)
-        flat_gh = d_gh.view(seq * batch, 3 * hid)
-        flat_rz, flat_n = flat_gh[:, : 2 * hid], d_gin.view(seq * batch, hid)  # d_gi = [flat_rz, flat_n]
-        flat_x = x.reshape(seq * batch, -1)
-        d_x = None
-        if ctx.needs_input_grad[0]:
-            d_x = torch.addmm(flat_rz @ w_ih[: 2 * hid], flat_n, w_ih[2 * hid :]).view(seq, batch, -1)
-        d_w_ih = torch.cat([flat_rz.t() @ flat_x, flat_n.t() @ flat_x])
-        d_w_hh = torch.addmm(d_gh[0].t() @ h0, flat_gh[batch:].t(), out[:-1].reshape(-1, hid))
-        d_b_ih = torch.cat([flat_rz.sum(0), flat_n.sum(0)])
-        return d_x, carry, d_w_ih, d_w_hh, d_b_ih, flat_gh.sum(0)
+        d_out = d_out.to(out.dtype).contiguous()
+        ops = _native(w_hh_mm.dtype)
+        d_gi, d_gh, d_h0 = (ops.gru_backward if ops else backward_loop)(d_out, h0, out, rz, n, ghn, w_hh_mm)
+        flat_gi, flat_gh = d_gi.view(seq * batch, 3 * hid), d_gh.view(seq * batch, 3 * hid)
+        flat_x = x_mm.reshape(seq * batch, -1)
+        d_x = (flat_gi @ w_ih_mm).view(seq, batch, -1).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+        h_prev = out_mm[:-1].reshape(-1, hid)  # the state each step's recurrent matmul read
+        d_w_hh = torch.addmm(d_gh[0].t() @ h0.to(w_hh_mm.dtype), flat_gh[batch:].t(), h_prev)
+        like = ctx.param_dtype
+        ones = flat_gi.new_ones(1, seq * batch)  # column sums as a matmul: no float32 copy of bf16 gradients
+        d_b_ih, d_b_hh = (torch.mm(ones, flat).view(-1).to(like) for flat in (flat_gi, flat_gh))
+        return (d_x, d_h0.to(like), (flat_gi.t() @ flat_x).to(like), d_w_hh.to(like), d_b_ih, d_b_hh, None)
+
+
+def _native(mm_dtype: torch.dtype) -> Optional[Any]:
+    """native_gru.cpp's ops where they load and take this dtype (float32, bfloat16), else None."""
+    return native.ops() if mm_dtype in (torch.float32, torch.bfloat16) else None
 
 
 def fused_gru(gru: nn.GRU, x: torch.Tensor, h0: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,20 +131,21 @@ def fused_gru(gru: nn.GRU, x: torch.Tensor, h0: torch.Tensor | None) -> tuple[to
     """
     if h0 is None:
         h0 = x.new_zeros(gru.num_layers, x.size(0), gru.hidden_size)
+    mm_dtype = torch.bfloat16 if torch.is_autocast_enabled("cpu") else gru.weight_hh_l0.dtype
     seq_in = x.transpose(0, 1).contiguous()  # time-major: each step's rows are contiguous
     finals = []
     for k in range(gru.num_layers):
         if k > 0 and gru.dropout and gru.training:
             seq_in = F.dropout(seq_in, gru.dropout, training=True)
-        seq_in = GRULayer.apply(seq_in, h0[k], *layer_weights(gru, k))
+        seq_in = GRULayer.apply(seq_in, h0[k], *layer_weights(gru, k), mm_dtype)
         finals.append(seq_in[-1])
     return seq_in.transpose(0, 1), torch.stack(finals)
 
 
 def can_fuse(gru: nn.Module, x: torch.Tensor) -> bool:
-    """True where fused_gru is used: training an nn.GRU on CPU in float32 outside autocast, run
-    eagerly (export, tracing and torch.compile see nn.GRU itself). Without gradients (evaluation,
-    evaluate.py) nn.GRU's own C++ loop is faster (docs/speed.md)."""
+    """True where fused_gru is used: training a float32 nn.GRU on CPU, in float32 or under bf16
+    autocast, run eagerly (export, tracing and torch.compile see nn.GRU itself). Without
+    gradients (evaluation, evaluate.py) nn.GRU's own C++ loop is faster (docs/speed.md)."""
     if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or torch.compiler.is_compiling():
         return False
     return (
@@ -110,5 +157,5 @@ def can_fuse(gru: nn.Module, x: torch.Tensor) -> bool:
         and not gru.bidirectional
         and gru.proj_size == 0
         and gru.weight_hh_l0.dtype == torch.float32
-        and not torch.is_autocast_enabled("cpu")
+        and (not torch.is_autocast_enabled("cpu") or torch.get_autocast_dtype("cpu") == torch.bfloat16)
     )

@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 import torch
 
+from charlm.model import native
 from charlm.model.gru import layer_weights, lstm_step_with_gates, step_with_gates
 from charlm.model.network import CharLM
 
@@ -19,7 +20,9 @@ class Stepper:
     read by byte, weights are transposed once, and nothing is allocated for a time axis; the
     reset-before cell and the LSTM step through the model's own forward. With gates=True each
     layer is stepped with charlm.model.gru's step_with_gates or lstm_step_with_gates (the same
-    maths), which also give its gates. Build it after the weights stop changing (it copies them).
+    maths), which also give its gates. On the CPU in float32 the nn.GRU step is one call into
+    charlm/model/native_gru.cpp where it loads (charlm.model.native), else PyTorch's operations.
+    Build it after the weights stop changing (it copies them).
     """
 
     def __init__(self, model: CharLM):
@@ -28,14 +31,21 @@ class Stepper:
         self.weights = [layer_weights(model.recurrent, k) for k in range(model.config.n_layers)]
         if not self.fast:
             return
-        w_ih, _, b_ih, _ = self.weights[0]
-        self.table = torch.addmm(b_ih, model.embed.weight, w_ih.t())  # (256, 3D): W_i x + b_i per byte
-        self.w_ih_t = [w[0].t().contiguous() for w in self.weights]
-        self.b_ih = [w[2] for w in self.weights]
-        # every layer's recurrent matmul needs only the previous state: one batched matmul for all
-        self.w_hh_t = torch.stack([w[1].t() for w in self.weights])  # (L, D, 3D)
-        self.b_hh = torch.stack([w[3] for w in self.weights]).unsqueeze(1)  # (L, 1, 3D)
-        self.head = (model.head.weight.t().contiguous(), model.head.bias)
+        with torch.no_grad():
+            w_ih, _, b_ih, _ = self.weights[0]
+            self.table = torch.addmm(b_ih, model.embed.weight, w_ih.t())  # (256, 3D): W_i x + b_i per byte
+            self.w_ih_t = [w[0].t().contiguous() for w in self.weights]
+            self.b_ih = [w[2].detach() for w in self.weights]
+            # every layer's recurrent matmul needs only the previous state: one batched matmul for all
+            self.w_hh_t = torch.stack([w[1].t() for w in self.weights])  # (L, D, 3D)
+            self.b_hh = torch.stack([w[3] for w in self.weights]).unsqueeze(1)  # (L, 1, 3D)
+            self.head = (model.head.weight.t().contiguous(), model.head.bias.detach())
+        # native_gru.cpp's gru_decode: the whole step in one call, float32 on the CPU
+        on_cpu = self.table.device.type == "cpu" and self.table.dtype == torch.float32
+        self.native = native.ops() if on_cpu else None
+        if self.native is not None:
+            self.native_weights = (self.table, self.w_ih_t, self.b_ih, list(self.w_hh_t.contiguous()),
+                                   [b.view(-1) for b in self.b_hh], *self.head)
 
     def __call__(self, byte: torch.Tensor, h: torch.Tensor, gates: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor, Optional[dict[str, Any]]]:
@@ -47,6 +57,9 @@ class Stepper:
         if not self.fast:
             log_probs, h = self.model(byte.unsqueeze(1), h)
             return log_probs[:, -1], h, None
+        if self.native is not None:
+            log_probs, h = self.native.gru_decode(byte, h.contiguous(), *self.native_weights)
+            return log_probs, h, None
         d = self.model.config.d_model
         gh_all = torch.baddbmm(self.b_hh, h, self.w_hh_t)  # (L, N, 3D)
         x = h.new_empty(0)

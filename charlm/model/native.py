@@ -1,0 +1,97 @@
+"""charlm's fused GRU kernels (charlm/model/native_gru.cpp): compiled for this CPU on first use,
+cached, and used where they load; PyTorch's own operations compute the same thing elsewhere.
+
+    ops()     torch.ops.charlm (gru_forward, gru_backward, gru_decode, draw), or None
+    status()  one line: which path runs, and why
+
+The first use compiles the file with the C++ compiler and ninja that torch.utils.cpp_extension
+uses (10-20 s on two cores), into ~/.cache/charlm/kernels (CHARLM_CACHE moves it); later
+runs load the cached library in well under a second. CHARLM_NATIVE=0 turns the kernels off.
+When they cannot be built (no compiler, no ninja), one line says so, once, and every path runs
+in PyTorch's operations instead: the same results, more operations per time step.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+SOURCE = Path(__file__).with_name("native_gru.cpp")
+
+_lock = threading.Lock()
+_state: dict[str, Any] = {}  # "ops": the loaded ops or None, "why": the status line
+
+
+def cache_dir() -> Path:
+    """Where the compiled kernels are kept."""
+    root = os.environ.get("CHARLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "charlm")
+    return Path(root) / "kernels"
+
+
+def _build_key() -> str:
+    """Source, torch, Python and this CPU's instruction sets: a change to any builds anew."""
+    flags = ""
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = platform.processor()
+    parts = [SOURCE.read_bytes(), torch.__version__.encode(), sys.version.encode(), flags.encode()]
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:12]
+
+
+def _load() -> tuple[Optional[Any], str]:
+    if os.environ.get("CHARLM_NATIVE", "1") == "0":
+        return None, "PyTorch operations (CHARLM_NATIVE=0 turns the fused kernels off)"
+    if sys.platform != "linux":
+        return None, f"PyTorch operations (the fused kernels are built on Linux only, this is {sys.platform})"
+    if hasattr(torch.ops.charlm, "gru_forward"):  # loaded already, by another copy of this module
+        return torch.ops.charlm, "fused C++ kernels (charlm/model/native_gru.cpp)"
+    import shutil
+
+    from torch.utils import cpp_extension
+
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return None, f"PyTorch operations (no C++ compiler '{compiler}' to build the fused kernels)"
+    if not cpp_extension.is_ninja_available():
+        return None, "PyTorch operations (ninja, which builds the fused kernels, is not installed: pip install ninja)"
+    name = f"charlm_native_{_build_key()}"
+    where = cache_dir() / name
+    built = (where / f"{name}.so").exists()
+    if not built:
+        print(f"charlm: compiling the fused GRU kernels for this CPU, once (10-20 s; cached in {where})",
+              file=sys.stderr, flush=True)
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        cpp_extension.load(
+            name, [str(SOURCE)], build_directory=str(where), is_python_module=False, verbose=False,
+            extra_cflags=["-O3", "-march=native", "-fno-math-errno"],
+        )
+    except Exception as e:  # a compiler error, a missing library, a full disk: run without them
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        why = f"PyTorch operations (the fused kernels did not build: {first[:160]})"
+        print(f"charlm: {why}; training and sampling go on, slower", file=sys.stderr, flush=True)
+        return None, why
+    return torch.ops.charlm, "fused C++ kernels (charlm/model/native_gru.cpp)"
+
+
+def ops() -> Optional[Any]:
+    """torch.ops.charlm with the fused kernels, built or loaded on the first call; None where they
+    cannot be had (then status() says why)."""
+    if "ops" not in _state:
+        with _lock:
+            if "ops" not in _state:
+                _state["ops"], _state["why"] = _load()
+    return _state["ops"]
+
+
+def status() -> str:
+    """Which path the GRU's time loop and batch-1 decoding take on the CPU, and why."""
+    ops()
+    return _state["why"]

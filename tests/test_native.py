@@ -1,0 +1,168 @@
+"""The fused C++ kernels (charlm/model/native_gru.cpp) compute what the PyTorch path does: the
+GRU's time loops in fp32 and bf16, batch-1 and batch-64 decoding, the draw of the next byte; and
+without them (CHARLM_NATIVE=0, no compiler) everything still runs."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from charlm import CharLM, ModelConfig
+from charlm.inference import sampling
+from charlm.model import fused_gru, native
+from charlm.model.stepping import Stepper
+
+ops = native.ops()
+needs_native = pytest.mark.skipif(ops is None, reason=f"the fused kernels are not available: {native.status()}")
+
+
+def _layer_inputs(dtype, seq=7, batch=5, hid=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    gi = torch.randn(seq, batch, 3 * hid, generator=g).to(dtype)
+    h0 = torch.randn(batch, hid, generator=g)
+    w_hh = (torch.randn(3 * hid, hid, generator=g) / hid**0.5).to(dtype)
+    b_hh = torch.randn(3 * hid, generator=g)
+    return gi, h0, w_hh, b_hh
+
+
+@needs_native
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_native_time_loops_equal_the_pytorch_loops(dtype, tol):
+    gi, h0, w_hh, b_hh = _layer_inputs(dtype)
+    w_hh_t = w_hh.t().contiguous()
+    ours = ops.gru_forward(gi, h0, w_hh_t, b_hh)
+    theirs = fused_gru.forward_loop(gi, h0, w_hh_t, b_hh)
+    for a, b in zip(ours, theirs):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol)
+    out, _, rz, n, ghn = theirs
+    d_out = torch.randn_like(out)
+    for a, b in zip(ops.gru_backward(d_out, h0, out, rz, n, ghn, w_hh),
+                    fused_gru.backward_loop(d_out, h0, out, rz, n, ghn, w_hh)):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("native_on", [True, False])
+def test_fused_gru_in_fp32_equals_nn_gru_values_and_gradients(native_on, monkeypatch):
+    if native_on and ops is None:
+        pytest.skip(f"the fused kernels are not available: {native.status()}")
+    if not native_on:
+        monkeypatch.setattr(fused_gru, "_native", lambda dtype: None)
+    torch.manual_seed(0)
+    gru = torch.nn.GRU(16, 16, 2, batch_first=True)
+    x = torch.randn(3, 11, 16, requires_grad=True)
+    h0 = torch.randn(2, 3, 16, requires_grad=True)
+    ref, h_ref = gru(x, h0)
+    out, h = fused_gru.fused_gru(gru, x, h0)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(h, h_ref, atol=1e-5, rtol=1e-5)
+    w = torch.randn_like(out)
+    inputs = [x, h0, *gru.parameters()]
+    g_ref = torch.autograd.grad((ref * w).sum() + h_ref.sum(), inputs)
+    for a, b in zip(torch.autograd.grad((out * w).sum() + h.sum(), inputs), g_ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("native_on", [True, False])
+def test_fused_gru_under_bf16_autocast_stays_within_bf16_rounding_of_nn_gru(native_on, monkeypatch):
+    """bf16 matmuls, float32 gates and state: within a few bf16 roundings (2^-8) of fp32 nn.GRU."""
+    if native_on and ops is None:
+        pytest.skip(f"the fused kernels are not available: {native.status()}")
+    if not native_on:
+        monkeypatch.setattr(fused_gru, "_native", lambda dtype: None)
+    torch.manual_seed(0)
+    gru = torch.nn.GRU(32, 32, 2, batch_first=True)
+    x = torch.randn(4, 20, 32, requires_grad=True)
+    ref, h_ref = gru(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fused_gru.can_fuse(gru, x)
+        out, h = fused_gru.fused_gru(gru, x, None)
+    assert out.dtype == torch.float32 and h.dtype == torch.float32
+    err = (out - ref).abs().max().item()
+    assert 0 < err < 0.03  # bf16 really ran, and only rounded
+    w = torch.randn_like(out)
+    inputs = [x, *gru.parameters()]
+    g_ref = torch.autograd.grad((ref * w).sum(), inputs)
+    for a, b in zip(torch.autograd.grad((out * w).sum(), inputs), g_ref):
+        assert a.dtype == torch.float32
+        assert (a - b).norm() / b.norm() < 0.03
+
+
+@needs_native
+@pytest.mark.parametrize("batch", [1, 64])
+def test_native_decoding_step_equals_the_pytorch_step(batch, monkeypatch):
+    torch.manual_seed(0)
+    m = CharLM(ModelConfig(d_model=48, n_layers=3)).eval()
+    fast, plain = Stepper(m), Stepper(m)
+    plain.native = None
+    assert fast.native is not None
+    byte, h = torch.randint(0, 256, (batch,)), torch.randn(3, batch, 48)
+    with torch.no_grad():
+        for _ in range(5):
+            lp_fast, h_fast, _ = fast(byte, h)
+            lp_plain, h_plain, _ = plain(byte, h)
+            torch.testing.assert_close(lp_fast, lp_plain, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(h_fast, h_plain, atol=1e-5, rtol=1e-5)
+            byte, h = lp_plain.argmax(-1), h_plain
+
+
+@needs_native
+def test_native_draw_picks_what_the_pytorch_draw_picks(monkeypatch):
+    """Same generator, same numbers: the same bytes (temperature applied, zero-probability bytes never)."""
+    g = torch.Generator().manual_seed(0)
+    log_probs = torch.log_softmax(torch.randn(64, 256, generator=g) * 3, dim=-1)
+    log_probs[:, 7] = float("-inf")  # a byte that can never come
+    for temperature in (0.5, 1.0, 1.7):
+        fast = [ops.draw(log_probs, temperature, torch.Generator().manual_seed(s)) for s in range(20)]
+        monkeypatch.setattr(native, "ops", lambda: None)
+        plain = [sampling.next_byte(log_probs, temperature, None, torch.Generator().manual_seed(s)) for s in range(20)]
+        monkeypatch.undo()
+        same = sum(int((a == b).sum()) for a, b in zip(fast, plain))
+        assert same >= 64 * 20 - 1, same  # a draw that lands within float rounding of a boundary may differ
+        assert all(int((a == 7).sum()) == 0 for a in fast)
+
+
+def test_without_the_kernels_everything_runs_and_says_which_path(tmp_path, text_file):
+    """CHARLM_NATIVE=0, as on a machine without a compiler: training and sampling still work."""
+    env = {**os.environ, "CHARLM_NATIVE": "0"}
+    code = (
+        "import torch\n"
+        "from charlm import CharLM, ModelConfig\n"
+        "from charlm.model import native\n"
+        "from charlm.inference.sampling import sample_text\n"
+        "m = CharLM(ModelConfig(d_model=16, n_layers=2))\n"
+        "x = torch.randint(0, 256, (2, 9))\n"
+        "with torch.autocast('cpu', dtype=torch.bfloat16):\n"
+        "    lp, _ = m(x)\n"
+        "lp.sum().backward()\n"
+        "print(native.status())\n"
+        "print(len(sample_text(m.eval(), 'ab', 10, generator=torch.Generator().manual_seed(0))[0]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "PyTorch operations (CHARLM_NATIVE=0 turns the fused kernels off)"
+    assert lines[1] == "12"
+
+
+def test_a_failed_build_is_one_line_and_training_goes_on(tmp_path):
+    """A compiler that fails (here CXX=false, into an empty cache): one line on stderr, then the
+    PyTorch path."""
+    env = {**os.environ, "CHARLM_CACHE": str(tmp_path / "cache"), "CXX": "false"}
+    code = (
+        "import torch\n"
+        "from charlm import CharLM, ModelConfig\n"
+        "from charlm.model import native\n"
+        "m = CharLM(ModelConfig(d_model=16, n_layers=1))\n"
+        "m(torch.randint(0, 256, (2, 5)))[0].sum().backward()\n"
+        "print(native.status())\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    err = proc.stderr.strip().splitlines()
+    assert err[0].startswith("charlm: compiling the fused GRU kernels for this CPU, once")
+    assert err[1].startswith("charlm: PyTorch operations (the fused kernels did not build: ")
+    assert err[1].endswith("; training and sampling go on, slower") and len(err) == 2, err
+    assert proc.stdout.startswith("PyTorch operations (the fused kernels did not build")
