@@ -296,6 +296,8 @@ class BenchConfig:
     """What `python -m charlm.bench` runs."""
 
     device: str = setting("cpu", "`cpu`, `cuda`, `cuda:N` or `auto`")
+    models: str = setting("defaults", "`defaults`: data=timemachine's, model=reference's and data=tinyshakespeare's"
+                          " models, each at its batch; `given`: d_model x n_layers at batch_size x seq_len only")
     d_model: int = setting(512, "model width")
     n_layers: int = setting(2, "stacked GRU layers")
     batch_size: int = setting(32, "lanes per training batch")
@@ -312,6 +314,7 @@ class BenchConfig:
                 raise CharlmError(f"{name} must be at least 1, got {getattr(self, name)}")
         check_choice(self.precision, "precision", ("auto", "fp32", "bf16"))
         check_choice(self.skip, "skip", ("", "training", "sampling"))
+        check_choice(self.models, "models", ("defaults", "given"))
         check_device(self.device, "device")
 
 

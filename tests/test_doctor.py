@@ -18,6 +18,12 @@ def test_doctor_runs_every_path_here_and_says_what_it_cannot(tmp_path):
         assert "cuda                               - no GPU" in out
         assert "needs two GPUs, this machine has 0" in out
     assert "CPU bf16 matmuls are " in out
+    path = next(line for line in out.splitlines() if line.startswith("CPU GRU time loops and decoding: "))
+    if "fused C++ kernels" in path:  # and the two paths were checked against each other
+        line = next(line for line in out.splitlines() if line.startswith("cpu fused kernels"))
+        assert " ✓ " in line and "agree with PyTorch's operations" in line, line
+    else:
+        assert "PyTorch operations (" in path
     choice = next(line for line in out.splitlines() if "data=timemachine (256x2, batch 64x100) on cpu: " in line)
     assert "a training step took" in choice or "bf16 matmuls are emulated" in choice  # either CPU
     assert out.rstrip().endswith(" passed, 0 failed")

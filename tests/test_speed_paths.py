@@ -140,7 +140,7 @@ def test_bad_precision_is_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_bench_prints_its_table(tmp_path):
-    proc = run_cli("-m", "charlm.bench", "d_model=16", "batch_size=4", "seq_len=8", "steps=1",
+    proc = run_cli("-m", "charlm.bench", "models=given", "d_model=16", "batch_size=4", "seq_len=8", "steps=1",
                    "reps=2", "sample_reps=1", cwd=tmp_path)
     out = proc.stdout
     for line in ("plain nn.GRU loop", "charlm step", "ratio charlm / plain", "batch 1 ", "batch 64",

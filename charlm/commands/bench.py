@@ -1,11 +1,14 @@
 """python -m charlm.bench: how fast charlm trains and samples on this machine, in one table.
 
-    python -m charlm.bench [device=cuda] [d_model=512] [batch_size=32] [reps=5] ...
+    python -m charlm.bench [device=cuda] [models=given d_model=512 batch_size=32] [reps=5] ...
 
-Training: charlm's real step (CharLM, AdamW, gradient clipping, train.precision=auto) against a
-plain PyTorch loop (Embedding -> nn.GRU -> Linear -> LogSoftmax, Adam, fp32), same sizes and
-same batches, timed in turn in this one process; medians with min-max over `reps` repetitions.
-Sampling: bytes/s at batch 1 and 64, and the cost of 2,000 bytes over 500 (4 means linear).
+First the machine's matmul peak in fp32 and bf16, measured in this run; every rate after it is
+also given as a fraction of that peak. Training, for the default models of data=timemachine,
+model=reference and data=tinyshakespeare (or only the one given): charlm's real step (CharLM,
+AdamW, gradient clipping, train.precision=auto) against a plain PyTorch loop (Embedding ->
+nn.GRU -> Linear -> LogSoftmax, Adam, fp32), same sizes and same batches, timed in turn in this
+one process; medians with min-max over `reps` repetitions. Sampling: bytes/s at batch 1 and 64
+for the 256- and 512-wide models, and the cost of 2,000 bytes over 500 (4 means linear).
 Peak memory: the process's resident high-water mark (and CUDA's, on a GPU).
 """
 from __future__ import annotations
@@ -23,8 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from charlm.config import BenchConfig, ModelConfig, TrainConfig
-from charlm.device import choose_precision, resolve_device
+from charlm.device import choose_precision, keep_freed_memory, resolve_device
 from charlm.inference.sampling import generate
+from charlm.model import native
 from charlm.model.network import CharLM
 from charlm.training.step import make_optimizer, train_step
 
@@ -78,17 +82,43 @@ def _fmt(times: list[float], work: float) -> tuple[float, str]:
     return med, f"{med:>9,.0f}  ({rates[0]:,.0f}-{rates[-1]:,.0f})"
 
 
-def bench_training(args: BenchConfig, device: torch.device) -> list[str]:
+def matmul_peak(dtype: torch.dtype, device: torch.device, size: int = 2048, reps: int = 5) -> float:
+    """GFLOP/s of the best of `reps` (size, size) @ (size, size) matmuls in dtype: the machine's peak."""
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(size, size, generator=g).to(device=device, dtype=dtype) for _ in range(2))
+    a @ b  # warm up
+    best = min(_time(lambda: a @ b, device) for _ in range(reps))
+    return 2 * size**3 / best / 1e9
+
+
+def _rows(args: BenchConfig) -> list[tuple[str, int, int, int, int]]:
+    """(name, d_model, n_layers, batch, seq) of each model the table times."""
+    if args.models == "given":
+        return [(f"d_model={args.d_model} n_layers={args.n_layers}", args.d_model, args.n_layers,
+                 args.batch_size, args.seq_len)]
+    return [("data=timemachine (the default)", 256, 2, 64, 100), ("model=reference", 512, 2, 32, 100),
+            ("data=tinyshakespeare", 128, 2, 32, 25)]
+
+
+def bench_training(args: BenchConfig, device: torch.device, peaks: dict[str, float]) -> list[str]:
+    lines = [f"training: tokens/s, median (min-max) of {args.reps} repetitions of {args.steps} steps; the"
+             " matmul rate is 6 x weights outside the embedding per token, against this run's peak"]
+    for name, d_model, n_layers, batch, seq in _rows(args):
+        lines += _train_row(args, device, peaks, name, d_model, n_layers, batch, seq)
+    return lines
+
+
+def _train_row(args: BenchConfig, device: torch.device, peaks: dict[str, float], name: str,
+               d_model: int, n_layers: int, batch: int, seq: int) -> list[str]:
     torch.manual_seed(0)
-    tc = TrainConfig(batch_size=args.batch_size, seq_len=args.seq_len)
-    plain = PlainGRU(args.d_model, args.n_layers).to(device)
+    tc = TrainConfig(batch_size=batch, seq_len=seq)
+    plain = PlainGRU(d_model, n_layers).to(device)
     plain_opt = torch.optim.Adam(plain.parameters(), lr=1e-3)
-    ours = CharLM(ModelConfig(d_model=args.d_model, n_layers=args.n_layers, dropout=0.0)).to(device)
+    ours = CharLM(ModelConfig(d_model=d_model, n_layers=n_layers, dropout=0.0)).to(device)
     ours.load_state_dict(plain.state_dict())  # same names, same initial weights
     ours_opt = make_optimizer(ours, tc)
-    precision = choose_precision(args.precision, ours, device, (args.batch_size, args.seq_len))
-    bf16, why = precision.bf16, precision.why
-    batches = _batches(args.steps, args.batch_size, args.seq_len, device)
+    precision = choose_precision(args.precision, ours, device, (batch, seq))
+    batches = _batches(args.steps, batch, seq, device)
 
     def plain_steps() -> float:
         for x, y in batches:
@@ -109,43 +139,47 @@ def bench_training(args: BenchConfig, device: torch.device) -> list[str]:
     for _ in range(args.reps):  # in turn, so drift in the machine's speed hits both alike
         t_plain.append(_time(plain_steps, device))
         t_ours.append(_time(our_steps, device))
-    tokens = args.steps * args.batch_size * args.seq_len
+    tokens = args.steps * batch * seq
+    flop = 6 * sum(p.numel() for n, p in ours.named_parameters() if not n.startswith("embed"))
     plain_rate, plain_s = _fmt(t_plain, tokens)
     our_rate, our_s = _fmt(t_ours, tokens)
-    flops = 6 * sum(p.numel() for n, p in ours.named_parameters() if not n.startswith("embed"))
+    ours_label = f"charlm step, {precision.name} ({precision.why.split(':')[0]})"
     return [
-        f"training, d_model {args.d_model} x {args.n_layers} layers, batch {args.batch_size} x seq {args.seq_len}, "
-        f"{args.steps} steps per repetition, {args.reps} repetitions",
-        f"  plain nn.GRU loop, fp32, Adam      {plain_s} tokens/s",
-        f"  charlm step, {'bf16' if bf16 else 'fp32'} ({why.split(':')[0]}){' ' * max(1, 17 - len(why.split(':')[0]))}"
-        f"{our_s} tokens/s",
-        f"  ratio charlm / plain               {our_rate / plain_rate:>9.2f}x",
-        f"  charlm's precision                 {why}",
-        f"  matmul work per token              {flops / 1e6:>9.1f} MFLOP (6 x weights: forward + backward)",
-        f"  charlm's matmul rate               {our_rate * flops / 1e9:>9.1f} GFLOP/s",
+        f"  {name}: {d_model} x {n_layers} layers, batch {batch} x {seq}, {flop / 1e6:.1f} MFLOP per token",
+        f"    {'plain nn.GRU loop, fp32, Adam':<34}{plain_s} tokens/s {_of_peak(plain_rate * flop, peaks, 'fp32')}",
+        f"    {ours_label:<34}{our_s} tokens/s {_of_peak(our_rate * flop, peaks, precision.name)}",
+        f"    {'ratio charlm / plain':<34}{our_rate / plain_rate:>9.2f}x   ({precision.why})",
     ]
 
 
-def bench_sampling(args: BenchConfig, device: torch.device) -> list[str]:
-    torch.manual_seed(0)
-    model = CharLM(ModelConfig(d_model=args.d_model, n_layers=args.n_layers)).to(device).eval()
-    lines = ["sampling, temperature 0.8, hidden state carried (one GRU step per byte)"]
-    for n in (1, 64):
-        times = {}
-        for length in (500, 2000):
-            g = torch.Generator(device=device).manual_seed(0)
-            def run(length=length, n=n, g=g) -> list:
-                return [b.cpu() for b in generate(model, b"t", length, 0.8, num_samples=n, generator=g)]
+def _of_peak(flops: float, peaks: dict[str, float], precision: str) -> str:
+    return f"{flops / 1e9:6.1f} GFLOP/s = {flops / 1e9 / peaks[precision]:4.0%} of the {precision} peak"
 
-            run()  # warm up
-            times[length] = sorted(_time(run, device) for _ in range(args.sample_reps))
-        med = statistics.median(times[2000])
-        rate = n * 2000 / med
-        ratio = med / statistics.median(times[500])
-        lines.append(
-            f"  batch {n:<3} {rate:>10,.0f} bytes/s  (2,000 bytes in {med:.2f} s;"
-            f" 2,000 vs 500 bytes cost {ratio:.2f}x, linear is 4)"
-        )
+
+def bench_sampling(args: BenchConfig, device: torch.device, peaks: dict[str, float]) -> list[str]:
+    lines = [f"sampling: bytes/s at temperature 0.8, state carried (one step per byte), median of {args.sample_reps};"
+             f" decoding on the CPU: {native.status()}"]
+    widths = sorted({d for _, d, _, _, _ in _rows(args) if d >= 256} or {args.d_model})
+    for d_model in widths:
+        torch.manual_seed(0)
+        model = CharLM(ModelConfig(d_model=d_model, n_layers=args.n_layers)).to(device).eval()
+        # per byte: every matmul but layer 0's input projection, which is a table read
+        flop = 2 * sum(p.numel() for n, p in model.named_parameters()
+                       if p.dim() == 2 and not n.startswith(("embed", "gru.weight_ih_l0")))
+        for n in (1, 64):
+            times = {}
+            for length in (500, 2000):
+                g = torch.Generator(device=device).manual_seed(0)
+                def run(length=length, n=n, g=g) -> list:
+                    return [b.cpu() for b in generate(model, b"t", length, 0.8, num_samples=n, generator=g)]
+
+                run()  # warm up
+                times[length] = sorted(_time(run, device) for _ in range(args.sample_reps))
+            med = statistics.median(times[2000])
+            rate = n * 2000 / med
+            ratio = med / statistics.median(times[500])
+            lines.append(f"  {d_model} x {args.n_layers}, batch {n:<3} {rate:>10,.0f} bytes/s "
+                         f"{_of_peak(rate * flop, peaks, 'fp32')}  (2,000 vs 500 bytes cost {ratio:.2f}x, linear is 4)")
     return lines
 
 
@@ -158,6 +192,7 @@ def main(argv: list[str]) -> int:
 
 def _bench(args: BenchConfig) -> int:
     device = resolve_device(args.device)
+    keep_freed_memory()  # as the trainer does
     cpu = platform.processor() or platform.machine()
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
@@ -168,9 +203,14 @@ def _bench(args: BenchConfig) -> int:
         + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f" ({cpu})")
         + f" | {torch.get_num_threads()} threads | CPU capability {torch.backends.cpu.get_cpu_capability()}"
     )
+    if device.type == "cpu":
+        print(f"GRU time loops: {native.status()}")
+    peaks = {name: matmul_peak(dtype, device) for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    print(f"matmul peak, best 2048 x 2048 @ 2048 x 2048 in this run: fp32 {peaks['fp32']:.0f} GFLOP/s,"
+          f" bf16 {peaks['bf16']:.0f} GFLOP/s", flush=True)
     for name, section in (("training", bench_training), ("sampling", bench_sampling)):
         if name != args.skip:
-            print("\n".join(section(args, device)), flush=True)
+            print("\n".join(section(args, device, peaks)), flush=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     print(f"peak memory: {peak:,.0f} MiB resident"
           + (f", {torch.cuda.max_memory_allocated(device) / 2**20:,.0f} MiB on the GPU"

@@ -21,6 +21,7 @@ import time
 import traceback
 from pathlib import Path
 from typing import Callable
+from unittest import mock
 
 import numpy as np
 import torch
@@ -30,7 +31,9 @@ from charlm.config import DataConfig, DoctorConfig, ModelConfig, RunConfig, Trai
 from charlm.device import choose_precision, matmul_micros
 from charlm.inference.sampling import sample_text
 from charlm.inference.scoring import evaluate_loss
+from charlm.model import fused_gru, native
 from charlm.model.network import CharLM
+from charlm.model.stepping import Stepper
 from charlm.training.loop import train
 
 ROOT = Path(__file__).resolve().parents[2]  # train.py, for torchrun
@@ -87,6 +90,30 @@ def check_ddp(text: Path, work: Path, device: str) -> str:
     return found.group(0)
 
 
+def check_native() -> str:
+    """The fused C++ kernels against PyTorch's operations: a training step's gradients and a
+    decoding step of a tiny GRU, in fp32."""
+    torch.manual_seed(0)
+    model = CharLM(ModelConfig(d_model=32, n_layers=2, dropout=0.0))
+    x = torch.randint(0, 256, (4, 16))
+    grads, probs = [], []
+    for use in (True, False):
+        with mock.patch.object(fused_gru, "_native", fused_gru._native if use else (lambda dtype: None)):
+            model.zero_grad()
+            model(x)[0].sum().backward()
+            grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        step = Stepper(model.eval())
+        if not use:
+            step.native = None
+        with torch.no_grad():
+            probs.append(step(x[:, 0], model.init_hidden(4))[0])
+        model.train()
+    diff = max(float((grads[0] - grads[1]).abs().max()), float((probs[0] - probs[1]).abs().max()))
+    if diff > 1e-4:
+        raise RuntimeError(f"the fused kernels and PyTorch's operations differ by {diff:.2g}")
+    return f"training and decoding agree with PyTorch's operations (largest difference {diff:.1g})"
+
+
 def auto_choices(device: torch.device) -> list[str]:
     """What train.precision=auto picks for the default models on this device."""
     lines = []
@@ -126,7 +153,10 @@ def _doctor(_: DoctorConfig) -> int:
     fp32_us, bf16_us = matmul_micros(torch.float32), matmul_micros(torch.bfloat16)
     print(f"CPU bf16 matmuls are {'native' if bf16_us < fp32_us else 'emulated (slow; fp32 is the choice here)'}:"
           f" {bf16_us:.0f} µs against {fp32_us:.0f} µs in fp32 for 256x256 @ 256x768")
+    print(f"CPU GRU time loops and decoding: {native.status()}")
     results = []
+    if native.ops() is not None:
+        results.append(_row("cpu fused kernels", check_native))
     with tempfile.TemporaryDirectory(prefix="charlm-doctor-") as tmp:
         work = Path(tmp)
         text = work / "text.txt"

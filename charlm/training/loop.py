@@ -25,7 +25,7 @@ import torch
 from charlm import checkpoint as ckpt
 from charlm.config import RunConfig
 from charlm.data.batches import StreamBatches, random_batch
-from charlm.device import resolve_device
+from charlm.device import keep_freed_memory, resolve_device
 from charlm.errors import CharlmError
 from charlm.files import write_error
 from charlm.inference.sampling import sample_text
@@ -275,6 +275,7 @@ def train(cfg: RunConfig, out_dir: Path, resume_state: Optional[dict[str, Any]] 
     alone evaluates, prints and writes.
     """
     ddp, device = distributed.setup(cfg.train.batch_size, resolve_device(cfg.train.device, "train.device"))
+    keep_freed_memory()
     report = report or Report()
     report.activate(ddp.main)
     lock = None
