@@ -113,8 +113,8 @@ class GRULayer(torch.autograd.Function):
         h_prev = out_mm[:-1].reshape(-1, hid)  # the state each step's recurrent matmul read
         d_w_hh = torch.addmm(d_gh[0].t() @ h0.to(w_hh_mm.dtype), flat_gh[batch:].t(), h_prev)
         like = ctx.param_dtype
-        ones = flat_gi.new_ones(1, seq * batch)  # column sums as a matmul: no float32 copy of bf16 gradients
-        d_b_ih, d_b_hh = (torch.mm(ones, flat).view(-1).to(like) for flat in (flat_gi, flat_gh))
+        # summed in their own dtype (float32 accumulators inside): no float32 copy of bf16 gradients
+        d_b_ih, d_b_hh = (flat.sum(0).to(like) for flat in (flat_gi, flat_gh))
         return (d_x, d_h0.to(like), (flat_gi.t() @ flat_x).to(like), d_w_hh.to(like), d_b_ih, d_b_hh, None)
 
 
