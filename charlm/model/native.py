@@ -34,14 +34,21 @@ def cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
+def _arch() -> str:
+    """-march for the build: this CPU's own instruction sets, or those ATEN_CPU_CAPABILITY limits
+    PyTorch to (avx2: as an AVX2-only CPU would run)."""
+    limit = os.environ.get("ATEN_CPU_CAPABILITY", "").lower()
+    return {"avx2": "x86-64-v3", "default": "x86-64-v2"}.get(limit, "native")
+
+
 def _build_key() -> str:
-    """Source, torch, Python and this CPU's instruction sets: a change to any builds anew."""
+    """Source, torch, Python, the target and this CPU's instruction sets: a change to any builds anew."""
     flags = ""
     try:
         flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags"))
     except (OSError, StopIteration):
         flags = platform.processor()
-    parts = [SOURCE.read_bytes(), torch.__version__.encode(), sys.version.encode(), flags.encode()]
+    parts = [SOURCE.read_bytes(), torch.__version__.encode(), sys.version.encode(), flags.encode(), _arch().encode()]
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:12]
 
 
@@ -71,7 +78,7 @@ def _load() -> tuple[Optional[Any], str]:
         where.mkdir(parents=True, exist_ok=True)
         cpp_extension.load(
             name, [str(SOURCE)], build_directory=str(where), is_python_module=False, verbose=False,
-            extra_cflags=["-O3", "-march=native", "-fno-math-errno"],
+            extra_cflags=["-O3", f"-march={_arch()}", "-fno-math-errno"],
         )
     except Exception as e:  # a compiler error, a missing library, a full disk: run without them
         first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
