@@ -166,3 +166,30 @@ def test_a_failed_build_is_one_line_and_training_goes_on(tmp_path):
     assert err[1].startswith("charlm: PyTorch operations (the fused kernels did not build: ")
     assert err[1].endswith("; training and sampling go on, slower") and len(err) == 2, err
     assert proc.stdout.startswith("PyTorch operations (the fused kernels did not build")
+
+
+@pytest.mark.parametrize("native_on", [True, False])
+def test_dropout_keeps_1_minus_p_scaled_repeats_under_a_seed_and_passes_gradients(native_on, monkeypatch):
+    from charlm.model.dropout import dropout
+
+    if native_on and ops is None:
+        pytest.skip(f"the fused kernels are not available: {native.status()}")
+    if not native_on:
+        monkeypatch.setattr(native, "ops", lambda: None)
+    x = torch.randn(64, 100, 32, requires_grad=True)
+    torch.manual_seed(5)
+    y = dropout(x, 0.3, training=True)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.7) < 0.01  # 204,800 draws: 0.01 is 10 standard deviations
+    torch.testing.assert_close(y[kept], x[kept] / 0.7)
+    torch.manual_seed(5)
+    assert torch.equal(dropout(x, 0.3, training=True), y)  # the seed comes from PyTorch's generator
+    assert not torch.equal(dropout(x, 0.3, training=True), y)  # and moves it
+    assert dropout(x, 0.3, training=False) is x
+    (g,) = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(g, kept.float() / 0.7)
+    # no pattern along the tensor: neighbouring elements and rows are independent
+    k = kept.float().flatten()
+    assert abs(torch.corrcoef(torch.stack([k[:-1], k[1:]]))[0, 1].item()) < 0.02
+    rows = kept.float().mean(dim=(1, 2))
+    assert rows.std().item() < 0.02

@@ -18,10 +18,10 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from charlm.model import native
+from charlm.model.dropout import dropout
 from charlm.model.gru import layer_weights
 
 
@@ -135,7 +135,7 @@ def fused_gru(gru: nn.GRU, x: torch.Tensor, h0: torch.Tensor | None) -> tuple[to
     finals = []
     for k in range(gru.num_layers):
         if k > 0 and gru.dropout and gru.training:
-            seq_in = F.dropout(seq_in, gru.dropout, training=True)
+            seq_in = dropout(seq_in, gru.dropout, training=True)
         seq_in = GRULayer.apply(seq_in, h0[k], *layer_weights(gru, k), mm_dtype)
         finals.append(seq_in[-1])
     return seq_in.transpose(0, 1), torch.stack(finals)

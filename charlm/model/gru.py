@@ -12,6 +12,8 @@ import math
 import torch
 from torch import nn
 
+from charlm.model.dropout import dropout
+
 
 def layer_weights(gru: nn.Module, k: int) -> tuple[torch.Tensor, ...]:
     """(weight_ih, weight_hh, bias_ih, bias_hh) of layer k of an nn.GRU, a ResetBeforeGRU or an nn.LSTM."""
@@ -43,7 +45,7 @@ class ResetBeforeGRU(nn.Module):
         finals = []
         for k in range(self.num_layers):
             if k > 0 and self.dropout and self.training:
-                x = nn.functional.dropout(x, self.dropout, training=True)
+                x = dropout(x, self.dropout, training=True)
             w_ih, w_hh, b_ih, b_hh = layer_weights(self, k)
             # Every bias adds outside the reset gate here, so all of them go into the input
             # projections, one matmul for all steps; each step is then 6 ops (the loop's cost is

@@ -290,6 +290,37 @@ Tensor draw(const Tensor& log_probs_, double temperature, std::optional<at::Gene
   return out;
 }
 
+// A 32-bit integer hash (lowbias32): the dropout mask's random bits, by element index.
+inline uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352dU;
+  x ^= x >> 15;
+  x *= 0x846ca68bU;
+  x ^= x >> 16;
+  return x;
+}
+
+// Inverted dropout's mask, float32 in the shape of `like`: each element 1 / (1 - p) with
+// probability 1 - p, else 0, from the bits of hash(index, seed); the caller draws seed from
+// PyTorch's generator, so that manual_seed and a restored generator state repeat the masks.
+// Counter-based and vectorised: F.dropout on the CPU draws each element from mt19937 in turn.
+Tensor dropout_mask(const Tensor& like, double p, int64_t seed) {
+  TORCH_CHECK(p >= 0 && p < 1, "dropout_mask: p must be in [0, 1)");
+  Tensor mask = at::empty(like.sizes(), like.options().dtype(at::kFloat));
+  const float scale = static_cast<float>(1.0 / (1.0 - p));
+  const double cut = p * 4294967296.0;
+  const uint32_t threshold = cut >= 4294967295.0 ? 4294967295U : static_cast<uint32_t>(cut);
+  const uint32_t s0 = static_cast<uint32_t>(seed), s1 = static_cast<uint32_t>(static_cast<uint64_t>(seed) >> 32);
+  float* m = mask.data_ptr<float>();
+  at::parallel_for(0, mask.numel(), int64_t{1} << 16, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const uint32_t h = mix32(mix32(static_cast<uint32_t>(i) ^ s0) + s1);
+      m[i] = h >= threshold ? scale : 0.f;
+    }
+  });
+  return mask;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(charlm, m) {
@@ -297,4 +328,5 @@ TORCH_LIBRARY(charlm, m) {
   m.def("gru_backward", &gru_backward);
   m.def("gru_decode", &gru_decode);
   m.def("draw", &draw);
+  m.def("dropout_mask", &dropout_mask);
 }

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from charlm.config import ModelConfig
+from charlm.model.dropout import dropout
 from charlm.model.fused_gru import can_fuse, fused_gru
 from charlm.model.gru import ResetBeforeGRU
 
@@ -39,7 +40,6 @@ class CharLM(nn.Module):
             self.lstm = nn.LSTM(config.d_model, config.d_model, config.n_layers, dropout=between, batch_first=True)
         else:
             self.gru = nn.GRU(config.d_model, config.d_model, config.n_layers, dropout=between, batch_first=True)
-        self.drop = nn.Dropout(config.dropout)
         self.head = nn.Linear(config.d_model, VOCAB_SIZE)
 
     def forward(
@@ -49,7 +49,7 @@ class CharLM(nn.Module):
 
         log_probs[:, t] is the distribution of the byte that follows x[:, t].
         """
-        e = self.drop(self.embed(x))  # (B, T, D)
+        e = dropout(self.embed(x), self.config.dropout, self.training)  # (B, T, D)
         if self.config.cell == "lstm":
             hc = None if h is None else tuple(s.contiguous() for s in h.float().chunk(2, dim=-1))
             with torch.autocast("cuda", enabled=False) if e.is_cuda and torch.is_autocast_enabled("cuda") else _same():
@@ -64,7 +64,7 @@ class CharLM(nn.Module):
                 out, h = self.gru(e.float(), None if h is None else h.float())
         else:
             out, h = self.gru(e, h)
-        logits = self.head(self.drop(out))  # (B, T, 256)
+        logits = self.head(dropout(out, self.config.dropout, self.training))  # (B, T, 256)
         # at least float32 for the normalisation (a half-precision autocast would lose mass), and
         # a float32 state to carry, whatever precision computed it
         log_probs = torch.log_softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
