@@ -42,13 +42,15 @@ def _arch() -> str:
 
 
 def _build_key() -> str:
-    """Source, torch, Python, the target and this CPU's instruction sets: a change to any builds anew."""
+    """Source (its text and where it is: two checkouts must not rebuild each other's), torch,
+    Python, the target and this CPU's instruction sets: a change to any builds anew."""
     flags = ""
     try:
         flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags"))
     except (OSError, StopIteration):
         flags = platform.processor()
-    parts = [SOURCE.read_bytes(), torch.__version__.encode(), sys.version.encode(), flags.encode(), _arch().encode()]
+    parts = [SOURCE.read_bytes(), str(SOURCE.resolve()).encode(), torch.__version__.encode(), sys.version.encode(),
+             flags.encode(), _arch().encode()]
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:12]
 
 
