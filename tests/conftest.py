@@ -179,6 +179,12 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
 def scalars(run_dir: Path, tag: str) -> list:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(run_dir))
-    acc.Reload()
-    return [(e.step, e.value) for e in acc.Scalars(tag)]
+    # file by file, in the order they were written: a resumed run's file can sort first by name
+    # (names hold the second it started and the pid, and a test resumes within the same second)
+    events = []
+    for path in run_dir.glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(path))
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            events += acc.Scalars(tag)
+    return [(e.step, e.value) for e in sorted(events, key=lambda e: e.wall_time)]
