@@ -23,9 +23,45 @@ def atomic_write(path: str | Path, data: bytes) -> None:
     """Write data to path: beside it first, flushed to disk, then renamed over it.
 
     An OSError (ENOSPC, EROFS, EACCES, ENOENT, ...) leaves path as it was and removes the
-    temporary file, then propagates.
+    temporary file, then propagates. Where the OS allows it, every step goes through one handle
+    on the directory, so a directory renamed in the middle of a write still ends with the file
+    or nothing in it, never a temporary.
     """
     path = Path(path)
+    if not _BY_DIRECTORY:
+        return _write_by_path(path, data)
+    tmp = path.name + TMP_SUFFIX
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666, dir_fd=dir_fd)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except OSError:
+            try:
+                os.unlink(tmp, dir_fd=dir_fd)
+            except OSError:
+                pass
+            raise
+        try:
+            os.fsync(dir_fd)  # make the rename itself durable
+        except OSError:
+            pass
+    finally:
+        os.close(dir_fd)
+
+
+_BY_DIRECTORY = all(f in os.supports_dir_fd for f in (os.open, os.rename, os.unlink))
+
+
+def _write_by_path(path: Path, data: bytes) -> None:
+    """atomic_write where directories cannot be opened (Windows)."""
     tmp = path.with_name(path.name + TMP_SUFFIX)
     try:
         with open(tmp, "wb") as f:
@@ -39,16 +75,6 @@ def atomic_write(path: str | Path, data: bytes) -> None:
         except OSError:
             pass
         raise
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:  # Windows cannot open a directory; the rename is done all the same
-        return
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
 
 
 def write_error(path: str | Path, e: OSError) -> str:
