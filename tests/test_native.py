@@ -44,12 +44,17 @@ def test_native_time_loops_equal_the_pytorch_loops(dtype, tol):
         torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("native_on", [True, False])
-def test_fused_gru_in_fp32_equals_nn_gru_values_and_gradients(native_on, monkeypatch):
-    if native_on and ops is None:
+@pytest.fixture(params=["native", "pytorch"])
+def gru_path(request, monkeypatch):
+    """fused_gru's time loops in the kernels, or in PyTorch's operations."""
+    if request.param == "native" and ops is None:
         pytest.skip(f"the fused kernels are not available: {native.status()}")
-    if not native_on:
+    if request.param == "pytorch":
         monkeypatch.setattr(fused_gru, "_native", lambda dtype: None)
+    return request.param
+
+
+def test_fused_gru_in_fp32_equals_nn_gru_values_and_gradients(gru_path):
     torch.manual_seed(0)
     gru = torch.nn.GRU(16, 16, 2, batch_first=True)
     x = torch.randn(3, 11, 16, requires_grad=True)
@@ -65,13 +70,8 @@ def test_fused_gru_in_fp32_equals_nn_gru_values_and_gradients(native_on, monkeyp
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("native_on", [True, False])
-def test_fused_gru_under_bf16_autocast_stays_within_bf16_rounding_of_nn_gru(native_on, monkeypatch):
+def test_fused_gru_under_bf16_autocast_stays_within_bf16_rounding_of_nn_gru(gru_path):
     """bf16 matmuls, float32 gates and state: within a few bf16 roundings (2^-8) of fp32 nn.GRU."""
-    if native_on and ops is None:
-        pytest.skip(f"the fused kernels are not available: {native.status()}")
-    if not native_on:
-        monkeypatch.setattr(fused_gru, "_native", lambda dtype: None)
     torch.manual_seed(0)
     gru = torch.nn.GRU(32, 32, 2, batch_first=True)
     x = torch.randn(4, 20, 32, requires_grad=True)
@@ -124,43 +124,38 @@ def test_native_draw_picks_what_the_pytorch_draw_picks(monkeypatch):
         assert all(int((a == 7).sum()) == 0 for a in fast)
 
 
-def test_without_the_kernels_everything_runs_and_says_which_path(tmp_path, text_file):
-    """CHARLM_NATIVE=0, as on a machine without a compiler: training and sampling still work."""
-    env = {**os.environ, "CHARLM_NATIVE": "0"}
+def _train_and_sample_in_a_new_process(cwd, **env) -> subprocess.CompletedProcess:
+    """A bf16 training step and a sample in a fresh interpreter with env added; prints the
+    kernels' status line, then the sample's length."""
     code = (
         "import torch\n"
         "from charlm import CharLM, ModelConfig\n"
         "from charlm.model import native\n"
         "from charlm.inference.sampling import sample_text\n"
         "m = CharLM(ModelConfig(d_model=16, n_layers=2))\n"
-        "x = torch.randint(0, 256, (2, 9))\n"
         "with torch.autocast('cpu', dtype=torch.bfloat16):\n"
-        "    lp, _ = m(x)\n"
+        "    lp, _ = m(torch.randint(0, 256, (2, 9)))\n"
         "lp.sum().backward()\n"
         "print(native.status())\n"
         "print(len(sample_text(m.eval(), 'ab', 10, generator=torch.Generator().manual_seed(0))[0]))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
+    proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True,
+                          text=True, cwd=cwd)
     assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.splitlines()
-    assert lines[0] == "PyTorch operations (CHARLM_NATIVE=0 turns the fused kernels off)"
-    assert lines[1] == "12"
+    assert proc.stdout.splitlines()[1] == "12"
+    return proc
+
+
+def test_without_the_kernels_everything_runs_and_says_which_path(tmp_path):
+    """CHARLM_NATIVE=0, as on a machine without a compiler: training and sampling still work."""
+    proc = _train_and_sample_in_a_new_process(tmp_path, CHARLM_NATIVE="0")
+    assert proc.stdout.splitlines()[0] == "PyTorch operations (CHARLM_NATIVE=0 turns the fused kernels off)"
 
 
 def test_a_failed_build_is_one_line_and_training_goes_on(tmp_path):
     """A compiler that fails (here CXX=false, into an empty cache): one line on stderr, then the
     PyTorch path."""
-    env = {**os.environ, "CHARLM_CACHE": str(tmp_path / "cache"), "CXX": "false"}
-    code = (
-        "import torch\n"
-        "from charlm import CharLM, ModelConfig\n"
-        "from charlm.model import native\n"
-        "m = CharLM(ModelConfig(d_model=16, n_layers=1))\n"
-        "m(torch.randint(0, 256, (2, 5)))[0].sum().backward()\n"
-        "print(native.status())\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
+    proc = _train_and_sample_in_a_new_process(tmp_path, CHARLM_CACHE=str(tmp_path / "cache"), CXX="false")
     err = proc.stderr.strip().splitlines()
     assert err[0].startswith("charlm: compiling the fused GRU kernels for this CPU, once")
     assert err[1].startswith("charlm: PyTorch operations (the fused kernels did not build: ")
