@@ -7,11 +7,14 @@ Same equations and parameters as nn.GRU (reset gate after the recurrent matmul):
     n = tanh(W_in x + b_in + r * (W_hn h + b_hn))
     h' = (1 - z) * n + z * h
 
-Why it is faster than autograd through nn.GRU on CPU: only the recurrent matmul and a few
-elementwise ops on that step's (B, H) slices run per time step, in cache. The input projections, every
+Why it is faster than autograd through nn.GRU on CPU: only the recurrent matmul and that step's
+elementwise work on its (B, H) slices run per time step, in cache. The input projections, every
 weight gradient and the input gradient are one large matmul each over all T*B positions,
-where autograd through nn.GRU does a small weight-gradient matmul at every step.
-`python -m charlm.bench` measures the difference.
+where autograd through nn.GRU does a small weight-gradient matmul at every step. The two time
+loops are one call each into charlm/model/native_gru.cpp where it builds (charlm.model.native),
+else forward_loop and backward_loop below, the same computation in PyTorch's operations. In
+fp32 or under bf16 autocast (bf16 matmuls; gates and state float32). `python -m charlm.bench`
+measures it.
 """
 from __future__ import annotations
 
