@@ -69,6 +69,13 @@ def _load() -> tuple[Optional[Any], str]:
     if shutil.which(compiler) is None:
         return None, f"PyTorch operations (no C++ compiler '{compiler}' to build the fused kernels)"
     if not cpp_extension.is_ninja_available():
+        try:  # the ninja package (a dependency) can sit outside PATH, e.g. in a venv not activated
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        except (ImportError, AttributeError):
+            pass
+    if not cpp_extension.is_ninja_available():
         return None, "PyTorch operations (ninja, which builds the fused kernels, is not installed: pip install ninja)"
     name = f"charlm_native_{_build_key()}"
     where = cache_dir() / name
