@@ -1,7 +1,7 @@
 """charlm's fused GRU kernels (charlm/model/native_gru.cpp): compiled for this CPU on first use,
 cached, and used where they load; PyTorch's own operations compute the same thing elsewhere.
 
-    ops()     torch.ops.charlm (gru_forward, gru_backward, gru_decode, draw), or None
+    ops()     torch.ops.charlm (gru_forward, gru_backward, gru_decode, draw, dropout_mask), or None
     status()  one line: which path runs, and why
 
 The first use compiles the file with the C++ compiler and ninja that torch.utils.cpp_extension
@@ -24,6 +24,8 @@ import torch
 
 SOURCE = Path(__file__).with_name("native_gru.cpp")
 
+LOADED = "fused C++ kernels (charlm/model/native_gru.cpp)"  # status() where they run
+
 _lock = threading.Lock()
 _state: dict[str, Any] = {}  # "ops": the loaded ops or None, "why": the status line
 
@@ -44,7 +46,6 @@ def _arch() -> str:
 def _build_key() -> str:
     """Source (its text and where it is: two checkouts must not rebuild each other's), torch,
     Python, the target and this CPU's instruction sets: a change to any builds anew."""
-    flags = ""
     try:
         flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags"))
     except (OSError, StopIteration):
@@ -60,7 +61,7 @@ def _load() -> tuple[Optional[Any], str]:
     if sys.platform != "linux":
         return None, f"PyTorch operations (the fused kernels are built on Linux only, this is {sys.platform})"
     if hasattr(torch.ops.charlm, "gru_forward"):  # loaded already, by another copy of this module
-        return torch.ops.charlm, "fused C++ kernels (charlm/model/native_gru.cpp)"
+        return torch.ops.charlm, LOADED
     import shutil
 
     from torch.utils import cpp_extension
@@ -94,7 +95,7 @@ def _load() -> tuple[Optional[Any], str]:
         why = f"PyTorch operations (the fused kernels did not build: {first[:160]})"
         print(f"charlm: {why}; training and sampling go on, slower", file=sys.stderr, flush=True)
         return None, why
-    return torch.ops.charlm, "fused C++ kernels (charlm/model/native_gru.cpp)"
+    return torch.ops.charlm, LOADED
 
 
 def ops() -> Optional[Any]:

@@ -20,7 +20,6 @@
 #include <tuple>
 #include <vector>
 
-
 using at::Tensor;
 
 // Runs the lambda with scalar_t = float or at::BFloat16, the matmul dtypes the kernels take.
@@ -40,7 +39,8 @@ namespace {
 template <typename T> inline float f32(T v) { return static_cast<float>(v); }
 
 // exp for the gates, inline so that the gate loops vectorize: Cody-Waite reduction and Cephes'
-// degree-6 polynomial, within 2 ulp of expf on [-87, 88]; NaN stays NaN.
+// degree-6 polynomial. The sigmoid and tanh below built on it stay within 2e-7 of float64's on
+// [-20, 20] (measured); NaN stays NaN, and large arguments saturate to 0 and 1 (or -1 and 1).
 inline float fast_exp(float x) {
   const float c = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
   const float k = __builtin_rintf(c * 1.44269504088896341f);
