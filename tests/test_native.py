@@ -28,8 +28,9 @@ def _layer_inputs(dtype, seq=7, batch=5, hid=24, seed=0):
 
 @needs_native
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-def test_native_time_loops_equal_the_pytorch_loops(dtype, tol):
-    gi, h0, w_hh, b_hh = _layer_inputs(dtype)
+@pytest.mark.parametrize("batch,hid", [(5, 24), (96, 64)])  # one chunk of rows; several, on every thread
+def test_native_time_loops_equal_the_pytorch_loops(dtype, tol, batch, hid):
+    gi, h0, w_hh, b_hh = _layer_inputs(dtype, batch=batch, hid=hid)
     w_hh_t = w_hh.t().contiguous()
     ours = ops.gru_forward(gi, h0, w_hh_t, b_hh)
     theirs = fused_gru.forward_loop(gi, h0, w_hh_t, b_hh)
@@ -42,6 +43,14 @@ def test_native_time_loops_equal_the_pytorch_loops(dtype, tol):
                     fused_gru.backward_loop(d_out, h0, out, rz, n, ghn, w_hh)):
         assert a.dtype == b.dtype and a.shape == b.shape
         torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol)
+
+
+@needs_native
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="one thread: nothing to share the work with")
+def test_the_kernels_loops_run_on_every_thread_pytorch_uses():
+    """Built without OpenMP, at::parallel_for would run each loop on one thread (the kernels were
+    as slow on two cores as on one)."""
+    assert ops.threads() == torch.get_num_threads()
 
 
 @pytest.fixture(params=["native", "pytorch"])

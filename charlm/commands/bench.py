@@ -101,11 +101,16 @@ def _rows(args: BenchConfig) -> list[tuple[str, int, int, int, int]]:
 
 
 def bench_training(args: BenchConfig, device: torch.device, peaks: dict[str, float]) -> list[str]:
-    lines = [f"training: tokens/s, median (min-max) of {args.reps} repetitions of {args.steps} steps; the"
+    lines = [f"training: tokens/s, median (min-max) of {args.reps} repetitions of {args.steps} steps (more where"
+             f" {args.steps} steps hold under {MIN_TOKENS:,} tokens, so that a small model's repetition is not"
+             " lost in noise; models=given takes steps as given); the"
              " matmul rate is 6 x weights outside the embedding per token, against this run's peak"]
     for name, d_model, n_layers, batch, seq in _rows(args):
         lines += _train_row(args, device, peaks, name, d_model, n_layers, batch, seq)
     return lines
+
+
+MIN_TOKENS = 16_000  # per timed repetition: 5 default steps hold 32,000, Tiny Shakespeare's 4,000
 
 
 def _train_row(args: BenchConfig, device: torch.device, peaks: dict[str, float], name: str,
@@ -118,7 +123,8 @@ def _train_row(args: BenchConfig, device: torch.device, peaks: dict[str, float],
     ours.load_state_dict(plain.state_dict())  # same names, same initial weights
     ours_opt = make_optimizer(ours, tc)
     precision = choose_precision(args.precision, ours, device, (batch, seq))
-    batches = _batches(args.steps, batch, seq, device)
+    steps = args.steps if args.models == "given" else max(args.steps, -(-MIN_TOKENS // (batch * seq)))
+    batches = _batches(steps, batch, seq, device)
 
     def plain_steps() -> float:
         for x, y in batches:
@@ -139,13 +145,14 @@ def _train_row(args: BenchConfig, device: torch.device, peaks: dict[str, float],
     for _ in range(args.reps):  # in turn, so drift in the machine's speed hits both alike
         t_plain.append(_time(plain_steps, device))
         t_ours.append(_time(our_steps, device))
-    tokens = args.steps * batch * seq
+    tokens = steps * batch * seq
     flop = 6 * sum(p.numel() for n, p in ours.named_parameters() if not n.startswith("embed"))
     plain_rate, plain_s = _fmt(t_plain, tokens)
     our_rate, our_s = _fmt(t_ours, tokens)
     ours_label = f"charlm step, {precision.name} ({precision.why.split(':')[0]})"
     return [
-        f"  {name}: {d_model} x {n_layers} layers, batch {batch} x {seq}, {flop / 1e6:.1f} MFLOP per token",
+        f"  {name}: {d_model} x {n_layers} layers, batch {batch} x {seq}, {flop / 1e6:.1f} MFLOP per token,"
+        f" {steps} steps a repetition",
         f"    {'plain nn.GRU loop, fp32, Adam':<34}{plain_s} tokens/s {_of_peak(plain_rate * flop, peaks, 'fp32')}",
         f"    {ours_label:<34}{our_s} tokens/s {_of_peak(our_rate * flop, peaks, precision.name)}",
         f"    {'ratio charlm / plain':<34}{our_rate / plain_rate:>9.2f}x   ({precision.why})",

@@ -153,7 +153,8 @@ def _doctor(_: DoctorConfig) -> int:
     fp32_us, bf16_us = matmul_micros(torch.float32), matmul_micros(torch.bfloat16)
     print(f"CPU bf16 matmuls are {'native' if bf16_us < fp32_us else 'emulated (slow; fp32 is the choice here)'}:"
           f" {bf16_us:.0f} µs against {fp32_us:.0f} µs in fp32 for 256x256 @ 256x768")
-    print(f"CPU GRU time loops and decoding: {native.status()}")
+    ops = native.ops()
+    print(f"CPU GRU time loops and decoding: {native.status()}" + (f", on {ops.threads()} threads" if ops else ""))
     results = []
     if native.ops() is not None:
         results.append(_row("cpu fused kernels", check_native))

@@ -1,7 +1,8 @@
 """charlm's fused GRU kernels (charlm/model/native_gru.cpp): compiled for this CPU on first use,
 cached, and used where they load; PyTorch's own operations compute the same thing elsewhere.
 
-    ops()     torch.ops.charlm (gru_forward, gru_backward, gru_decode, draw, dropout_mask), or None
+    ops()     torch.ops.charlm (gru_forward, gru_backward, gru_decode, draw, dropout_mask, threads),
+              or None
     status()  one line: which path runs, and why
 
 The first use compiles the file with the C++ compiler and ninja that torch.utils.cpp_extension
@@ -43,15 +44,21 @@ def _arch() -> str:
     return {"avx2": "x86-64-v3", "default": "x86-64-v2"}.get(limit, "native")
 
 
+def _cflags() -> list[str]:
+    """The compiler's flags. -fopenmp: at::parallel_for is compiled into the kernels, and without
+    OpenMP it runs every loop on one thread (the library links to the libgomp torch loaded)."""
+    return ["-O3", f"-march={_arch()}", "-fno-math-errno", "-fopenmp"]
+
+
 def _build_key() -> str:
     """Source (its text and where it is: two checkouts must not rebuild each other's), torch,
-    Python, the target and this CPU's instruction sets: a change to any builds anew."""
+    Python, the flags and this CPU's instruction sets: a change to any builds anew."""
     try:
         flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags"))
     except (OSError, StopIteration):
         flags = platform.processor()
     parts = [SOURCE.read_bytes(), str(SOURCE.resolve()).encode(), torch.__version__.encode(), sys.version.encode(),
-             flags.encode(), _arch().encode()]
+             flags.encode(), " ".join(_cflags()).encode()]
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:12]
 
 
@@ -88,7 +95,7 @@ def _load() -> tuple[Optional[Any], str]:
         where.mkdir(parents=True, exist_ok=True)
         cpp_extension.load(
             name, [str(SOURCE)], build_directory=str(where), is_python_module=False, verbose=False,
-            extra_cflags=["-O3", f"-march={_arch()}", "-fno-math-errno"],
+            extra_cflags=_cflags(), extra_ldflags=["-fopenmp"],
         )
     except Exception as e:  # a compiler error, a missing library, a full disk: run without them
         first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)

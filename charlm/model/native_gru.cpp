@@ -14,6 +14,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -321,6 +322,19 @@ Tensor dropout_mask(const Tensor& like, double p, int64_t seed) {
   return mask;
 }
 
+// How many threads the parallel loops above run on: at::parallel_for is compiled into this file, and
+// without OpenMP (-fopenmp) it would run every loop on one thread.
+int64_t threads() {
+  std::atomic<int64_t> most{1};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    const int64_t mine = at::get_thread_num() + 1;
+    int64_t seen = most.load();
+    while (mine > seen && !most.compare_exchange_weak(seen, mine)) {
+    }
+  });
+  return most.load();
+}
+
 }  // namespace
 
 TORCH_LIBRARY(charlm, m) {
@@ -329,4 +343,5 @@ TORCH_LIBRARY(charlm, m) {
   m.def("gru_decode", &gru_decode);
   m.def("draw", &draw);
   m.def("dropout_mask", &dropout_mask);
+  m.def("threads", &threads);
 }
