@@ -55,7 +55,7 @@ def forward_loop(gi, h0, w_hh_t, b_hh):
 def backward_loop(d_out, h0, out, rz, n, ghn, w_hh):
     """The time loop of the backward pass in PyTorch's operations: what native_gru.cpp's
     gru_backward computes. -> d_gi = dL/d(W_i x + b_i), d_gh = dL/d(W_h h + b_h), each (T, B, 3H)
-    in the dtype of w_hh (3H, H), and dL/dh0 (B, H)."""
+    in the dtype of w_hh (3H, H), dL/dh0 (B, H), and the bias gradients dL/db_i, dL/db_h (3H)."""
     seq, batch, hid = out.shape
     d_gi = torch.empty(seq, batch, 3 * hid, dtype=w_hh.dtype, device=out.device)
     d_gh = torch.empty(seq, batch, 3 * hid, dtype=w_hh.dtype, device=out.device)
@@ -71,7 +71,8 @@ def backward_loop(d_out, h0, out, rz, n, ghn, w_hh):
         d_gi[t] = torch.cat([d_r, d_z, d_pre_n], dim=1)
         d_gh[t] = torch.cat([d_r, d_z, d_pre_n * r], dim=1)
         carry = torch.addmm(dh * z, d_gh[t], w_hh) if w_hh.dtype == dh.dtype else dh * z + d_gh[t] @ w_hh
-    return d_gi, d_gh, carry
+    d_b_ih, d_b_hh = (d.view(seq * batch, -1).sum(0, dtype=torch.float32) for d in (d_gi, d_gh))
+    return d_gi, d_gh, carry, d_b_ih, d_b_hh
 
 
 class GRULayer(torch.autograd.Function):
@@ -108,16 +109,16 @@ class GRULayer(torch.autograd.Function):
         seq, batch, hid = out.shape
         d_out = d_out.to(out.dtype).contiguous()
         ops = _native(w_hh_mm.dtype)
-        d_gi, d_gh, d_h0 = (ops.gru_backward if ops else backward_loop)(d_out, h0, out, rz, n, ghn, w_hh_mm)
+        d_gi, d_gh, d_h0, d_b_ih, d_b_hh = (ops.gru_backward if ops else backward_loop)(
+            d_out, h0, out, rz, n, ghn, w_hh_mm)
         flat_gi, flat_gh = d_gi.view(seq * batch, 3 * hid), d_gh.view(seq * batch, 3 * hid)
         flat_x = x_mm.reshape(seq * batch, -1)
         d_x = (flat_gi @ w_ih_mm).view(seq, batch, -1).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
         h_prev = out_mm[:-1].reshape(-1, hid)  # the state each step's recurrent matmul read
         d_w_hh = torch.addmm(d_gh[0].t() @ h0.to(w_hh_mm.dtype), flat_gh[batch:].t(), h_prev)
         like = ctx.param_dtype
-        # summed in their own dtype (float32 accumulators inside): no float32 copy of bf16 gradients
-        d_b_ih, d_b_hh = (flat.sum(0).to(like) for flat in (flat_gi, flat_gh))
-        return (d_x, d_h0.to(like), (flat_gi.t() @ flat_x).to(like), d_w_hh.to(like), d_b_ih, d_b_hh, None)
+        return (d_x, d_h0.to(like), (flat_gi.t() @ flat_x).to(like), d_w_hh.to(like), d_b_ih.to(like),
+                d_b_hh.to(like), None)
 
 
 def _native(mm_dtype: torch.dtype) -> Optional[Any]:

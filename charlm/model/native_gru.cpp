@@ -119,9 +119,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gru_forward(const Tensor& gi_
   Tensor out_mm = mm_type == at::kFloat ? out : at::empty({T, B, H}, gi.options());
   Tensor gh = at::empty({B, 3 * H}, gi.options());
   Tensor h_mm0 = h0.to(mm_type);
+  const std::vector<Tensor> mm_steps = out_mm.unbind(0);  // the views made once, not one call a step
   CHARLM_FLOAT_OR_BF16(mm_type, "gru_forward", [&] {
     for (int64_t t = 0; t < T; ++t) {
-      Tensor h_prev_mm = t == 0 ? h_mm0 : out_mm[t - 1];
+      const Tensor& h_prev_mm = t == 0 ? h_mm0 : mm_steps[t - 1];
       at::mm_out(gh, h_prev_mm, w_hh_t);
       const float* h_prev = t == 0 ? h0.const_data_ptr<float>() : out.const_data_ptr<float>() + (t - 1) * B * H;
       const scalar_t* gi_t = gi.const_data_ptr<scalar_t>() + t * B * 3 * H;
@@ -142,10 +143,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gru_forward(const Tensor& gi_
 
 // One backward step for rows [b0, b1). dh = d_out + dhz + back, where back = d_gh(t+1) @ W_h
 // and dhz = dh(t+1) * z(t+1); writes d_gi = dL/d(W_i x + b_i) and d_gh = dL/d(W_h h + b_h),
-// each (B, 3H) in the matmul dtype, and the new dhz.
+// each (B, 3H) in the matmul dtype, and the new dhz; adds the rows' d_r, d_z, d_n and d_n * r
+// (float32, before rounding) to sums (4H): the bias gradients.
 template <typename M>
 void backward_step(int64_t b0, int64_t b1, int64_t H, const float* d_out, const M* back, float* dhz,
-                   const float* rz, const float* n_, const float* ghn, const float* h_prev, M* d_gi, M* d_gh) {
+                   const float* rz, const float* n_, const float* ghn, const float* h_prev, M* d_gi, M* d_gh,
+                   float* sums) {
   for (int64_t b = b0; b < b1; ++b) {
     const float* dob = d_out + b * H;
     const M* bb = back ? back + b * H : nullptr;
@@ -161,24 +164,27 @@ void backward_step(int64_t b0, int64_t b1, int64_t H, const float* d_out, const 
     for (int64_t j = 0; j < H; ++j) {
       float dh = dob[j] + dz_[j] + (bb ? f32(bb[j]) : 0.f);
       float r = r_[j], z = z_[j], n = nb[j];
-      float d_pre_n = dh * (1.f - z) * (1.f - n * n);
-      M d_r = static_cast<M>(d_pre_n * gb[j] * r * (1.f - r));
-      M d_z = static_cast<M>(dh * (hp[j] - n) * z * (1.f - z));
-      di[j] = d_r;
-      dg[j] = d_r;
-      di[H + j] = d_z;
-      dg[H + j] = d_z;
+      const float d_pre_n = dh * (1.f - z) * (1.f - n * n);
+      const float d_r = d_pre_n * gb[j] * r * (1.f - r);
+      const float d_z = dh * (hp[j] - n) * z * (1.f - z);
+      const float d_hn = d_pre_n * r;
+      di[j] = dg[j] = static_cast<M>(d_r);
+      di[H + j] = dg[H + j] = static_cast<M>(d_z);
       di[2 * H + j] = static_cast<M>(d_pre_n);
-      dg[2 * H + j] = static_cast<M>(d_pre_n * r);
+      dg[2 * H + j] = static_cast<M>(d_hn);
       dz_[j] = dh * z;
+      sums[j] += d_r;
+      sums[H + j] += d_z;
+      sums[2 * H + j] += d_pre_n;
+      sums[3 * H + j] += d_hn;
     }
   }
 }
 
 // d_out (T, B, H) float32, what gru_forward saved, w_hh (3H, H) in the matmul dtype
 // -> d_gi = dL/d(W_i x + b_i) and d_gh = dL/d(W_h h + b_h), each (T, B, 3H) in the matmul dtype,
-// and dL/dh0 (B, H) float32.
-std::tuple<Tensor, Tensor, Tensor> gru_backward(const Tensor& d_out_, const Tensor& h0_, const Tensor& out,
+// dL/dh0 (B, H), and the bias gradients dL/db_i, dL/db_h (3H), float32.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward(const Tensor& d_out_, const Tensor& h0_, const Tensor& out,
                                                 const Tensor& rz, const Tensor& n, const Tensor& ghn,
                                                 const Tensor& w_hh) {
   const Tensor d_out = d_out_.contiguous().to(at::kFloat), h0 = h0_.contiguous().to(at::kFloat);
@@ -188,6 +194,9 @@ std::tuple<Tensor, Tensor, Tensor> gru_backward(const Tensor& d_out_, const Tens
   Tensor d_gi = at::empty({T, B, 3 * H}, m), d_gh = at::empty({T, B, 3 * H}, m);
   Tensor back = at::empty({B, H}, m);
   Tensor dhz = at::zeros({B, H}, h0.options());
+  // each thread sums its own rows (at::parallel_for gives a thread one block of rows a call)
+  Tensor sums = at::zeros({at::get_num_threads(), 4 * H}, h0.options());
+  const std::vector<Tensor> dgh_steps = d_gh.unbind(0);
   CHARLM_FLOAT_OR_BF16(mm_type, "gru_backward", [&] {
     for (int64_t t = T - 1; t >= 0; --t) {
       const float* h_prev = t == 0 ? h0.const_data_ptr<float>() : out.const_data_ptr<float>() + (t - 1) * B * H;
@@ -200,13 +209,17 @@ std::tuple<Tensor, Tensor, Tensor> gru_backward(const Tensor& d_out_, const Tens
       scalar_t* dg_t = d_gh.data_ptr<scalar_t>() + t * B * 3 * H;
       float* dz = dhz.data_ptr<float>();
       over_rows(B, 3 * H, [&](int64_t b0, int64_t b1) {
-        backward_step<scalar_t>(b0, b1, H, do_t, back_p, dz, rz_t, n_t, g_t, h_prev, di_t, dg_t);
+        backward_step<scalar_t>(b0, b1, H, do_t, back_p, dz, rz_t, n_t, g_t, h_prev, di_t, dg_t,
+                                sums.data_ptr<float>() + at::get_thread_num() * 4 * H);
       });
-      at::mm_out(back, d_gh[t], w_hh);
+      at::mm_out(back, dgh_steps[t], w_hh);
     }
   });
   Tensor d_h0 = dhz + back.to(at::kFloat);
-  return {d_gi, d_gh, d_h0};
+  Tensor total = sums.sum(0);  // d_r, d_z, d_n, d_n * r
+  Tensor d_b_ih = total.narrow(0, 0, 3 * H).clone();
+  Tensor d_b_hh = at::cat({total.narrow(0, 0, 2 * H), total.narrow(0, 3 * H, H)});
+  return {d_gi, d_gh, d_h0, d_b_ih, d_b_hh};
 }
 
 // y (M) = b + x (K) @ w_t (K, M), float32, both threads over blocks of columns: batch-1 decoding,
