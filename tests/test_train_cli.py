@@ -94,18 +94,18 @@ def test_text_without_path_says_what_to_add(tmp_path):
     assert "data.path" in proc.stderr and "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("args, d_model, batch_size", [
-    ((), 256, 64),  # The Time Machine
-    (("data=tinyshakespeare",), 128, 32),
-    (("data=text", "data.path=notes.txt"), 256, 64),
-    (("data=tinyshakespeare", "model=small", "recipe=timemachine"), 256, 64),  # a choice on the command line wins
-    (("data=tinyshakespeare", "model=small"), 256, 32),  # a named size over the corpus's recipe
-    (("data=text", "data.path=notes.txt", "recipe=tinyshakespeare"), 128, 32),
-    (("data=tinyshakespeare", "train.batch_size=8"), 128, 8),
+@pytest.mark.parametrize("args, d_model, seq_len", [
+    ((), 256, 100),  # The Time Machine
+    (("data=tinyshakespeare",), 128, 25),
+    (("data=text", "data.path=notes.txt"), 256, 100),
+    (("data=tinyshakespeare", "model=small", "recipe=timemachine"), 256, 100),  # a choice on the command line wins
+    (("data=tinyshakespeare", "model=small"), 256, 25),  # a named size over the corpus's recipe
+    (("data=text", "data.path=notes.txt", "recipe=tinyshakespeare"), 128, 25),
+    (("data=tinyshakespeare", "train.seq_len=8"), 128, 8),
 ])
-def test_each_corpus_gets_its_tuned_model_and_schedule(tmp_path, args, d_model, batch_size):
+def test_each_corpus_gets_its_tuned_model_and_schedule(tmp_path, args, d_model, seq_len):
     cfg = yaml.safe_load(run_cli("train.py", *args, "--cfg", "job", cwd=tmp_path).stdout)
-    assert (cfg["model"]["d_model"], cfg["train"]["batch_size"]) == (d_model, batch_size)
+    assert (cfg["model"]["d_model"], cfg["train"]["seq_len"]) == (d_model, seq_len)
 
 
 def test_timemachine_from_seeded_cache(tmp_path, timemachine_cache):

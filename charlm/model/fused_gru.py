@@ -71,7 +71,7 @@ def backward_loop(d_out, h0, out, rz, n, ghn, w_hh):
         d_gi[t] = torch.cat([d_r, d_z, d_pre_n], dim=1)
         d_gh[t] = torch.cat([d_r, d_z, d_pre_n * r], dim=1)
         carry = torch.addmm(dh * z, d_gh[t], w_hh) if w_hh.dtype == dh.dtype else dh * z + d_gh[t] @ w_hh
-    d_b_ih, d_b_hh = (d.view(seq * batch, -1).sum(0, dtype=torch.float32) for d in (d_gi, d_gh))
+    d_b_ih, d_b_hh = (d.view(seq * batch, -1).sum(0, dtype=h0.dtype) for d in (d_gi, d_gh))
     return d_gi, d_gh, carry, d_b_ih, d_b_hh
 
 
