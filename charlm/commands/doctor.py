@@ -156,7 +156,7 @@ def _doctor(_: DoctorConfig) -> int:
     ops = native.ops()
     print(f"CPU GRU time loops and decoding: {native.status()}" + (f", on {ops.threads()} threads" if ops else ""))
     results = []
-    if native.ops() is not None:
+    if ops is not None:
         results.append(_row("cpu fused kernels", check_native))
     with tempfile.TemporaryDirectory(prefix="charlm-doctor-") as tmp:
         work = Path(tmp)
