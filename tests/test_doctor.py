@@ -22,6 +22,7 @@ def test_doctor_runs_every_path_here_and_says_what_it_cannot(tmp_path):
     if "fused C++ kernels" in path:  # and the two paths were checked against each other
         line = next(line for line in out.splitlines() if line.startswith("cpu fused kernels"))
         assert " ✓ " in line and "agree with PyTorch's operations" in line, line
+        assert "threads; recurrent matmuls: fp32 by " in path and ", bf16 by " in path, path
     else:
         assert "PyTorch operations (" in path
     choice = next(line for line in out.splitlines() if "data=timemachine (256x2, batch 64x100) on cpu: " in line)

@@ -28,7 +28,9 @@ def _layer_inputs(dtype, seq=7, batch=5, hid=24, seed=0):
 
 @needs_native
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-@pytest.mark.parametrize("batch,hid", [(5, 24), (96, 64)])  # one chunk of rows; several, on every thread
+# at::mm's loop (24 units); the micro-kernels' loop, rows in whole tiles on every thread, and with
+# a part tile (13 rows)
+@pytest.mark.parametrize("batch,hid", [(5, 24), (96, 64), (13, 32)])
 def test_native_time_loops_equal_the_pytorch_loops(dtype, tol, batch, hid):
     gi, h0, w_hh, b_hh = _layer_inputs(dtype, batch=batch, hid=hid)
     w_hh_t = w_hh.t().contiguous()
@@ -55,6 +57,28 @@ def test_the_kernels_loops_run_on_every_thread_pytorch_uses():
     """Built without OpenMP, at::parallel_for would run each loop on one thread (the kernels were
     as slow on two cores as on one)."""
     assert ops.threads() == torch.get_num_threads()
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        return set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split(":")[1].split())
+    except (OSError, StopIteration):
+        return set()
+
+
+@needs_native
+@pytest.mark.skipif(not {"avx2", "fma"} <= _cpu_flags() or os.environ.get("ATEN_CPU_CAPABILITY") == "default",
+                    reason="no AVX2 and FMA here: the recurrent matmuls run in at::mm")
+def test_the_recurrent_matmuls_run_in_charlms_micro_kernel_where_the_cpu_has_the_instructions():
+    """Built without the vector instructions (no -march, a lost #if), the time loops would fall back
+    to one at::mm a step, and lose a fifth of a training step's speed."""
+    flags = _cpu_flags()
+    assert ops.recurrent_matmul("float32") in ("avx2", "avx512")
+    if "avx512_bf16" in flags and "amx_bf16" not in flags and os.environ.get("ATEN_CPU_CAPABILITY") != "avx2":
+        assert ops.recurrent_matmul("bfloat16") == "avx512_bf16"
+    else:  # emulated bf16, AVX2 only, or AMX, which oneDNN's at::mm uses
+        assert ops.recurrent_matmul("bfloat16") == "at::mm"
+    assert "recurrent matmuls: fp32 by charlm's" in native.matmuls()
 
 
 @pytest.fixture(params=["native", "pytorch"])

@@ -211,7 +211,7 @@ def _bench(args: BenchConfig) -> int:
         + f" | {torch.get_num_threads()} threads | CPU capability {torch.backends.cpu.get_cpu_capability()}"
     )
     if device.type == "cpu":
-        print(f"GRU time loops: {native.status()}")
+        print(f"GRU time loops: {native.status()}" + (f"; {native.matmuls()}" if native.ops() else ""))
     peaks = {"fp32": matmul_peak(torch.float32, device)}
     emulated = device.type == "cpu" and matmul_micros(torch.bfloat16) >= matmul_micros(torch.float32)
     # emulated bf16 runs a 2048^3 matmul for tens of seconds: a smaller one shows the rate

@@ -154,7 +154,8 @@ def _doctor(_: DoctorConfig) -> int:
     print(f"CPU bf16 matmuls are {'native' if bf16_us < fp32_us else 'emulated (slow; fp32 is the choice here)'}:"
           f" {bf16_us:.0f} µs against {fp32_us:.0f} µs in fp32 for 256x256 @ 256x768")
     ops = native.ops()
-    print(f"CPU GRU time loops and decoding: {native.status()}" + (f", on {ops.threads()} threads" if ops else ""))
+    print(f"CPU GRU time loops and decoding: {native.status()}"
+          + (f", on {ops.threads()} threads; {native.matmuls()}" if ops else ""))
     results = []
     if ops is not None:
         results.append(_row("cpu fused kernels", check_native))

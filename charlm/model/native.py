@@ -1,9 +1,10 @@
 """charlm's fused GRU kernels (charlm/model/native_gru.cpp): compiled for this CPU on first use,
 cached, and used where they load; PyTorch's own operations compute the same thing elsewhere.
 
-    ops()     torch.ops.charlm (gru_forward, gru_backward, gru_decode, draw, dropout_mask, threads),
-              or None
+    ops()     torch.ops.charlm (gru_forward, gru_backward, gru_decode, draw, dropout_mask, threads,
+              recurrent_matmul), or None
     status()  one line: which path runs, and why
+    matmuls() what the time loops' recurrent matmuls run on, in fp32 and bf16
 
 The first use compiles the file with the C++ compiler and ninja that torch.utils.cpp_extension
 uses (10-20 s on two cores), into ~/.cache/charlm/kernels (CHARLM_CACHE moves it); later
@@ -46,8 +47,10 @@ def _arch() -> str:
 
 def _cflags() -> list[str]:
     """The compiler's flags. -fopenmp: at::parallel_for is compiled into the kernels, and without
-    OpenMP it runs every loop on one thread (the library links to the libgomp torch loaded)."""
-    return ["-O3", f"-march={_arch()}", "-fno-math-errno", "-fopenmp"]
+    OpenMP it runs every loop on one thread (the library links to the libgomp torch loaded).
+    -fno-trapping-math: the gate loops' clamps and NaN checks may become vector selects (without
+    it, GCC vectorizes them for AVX-512, which masks, but not for AVX2)."""
+    return ["-O3", f"-march={_arch()}", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
 
 
 def _build_key() -> str:
@@ -119,3 +122,17 @@ def status() -> str:
     """Which path the GRU's time loop and batch-1 decoding take on the CPU, and why."""
     ops()
     return _state["why"]
+
+
+def matmuls() -> str:
+    """What the training time loops' recurrent matmuls run on, in fp32 and in bf16: charlm's own
+    micro-kernel for this CPU's vector instructions (each thread then runs the whole loop for its
+    rows of the batch), or at::mm; '' without the kernels."""
+    kernels = ops()
+    if kernels is None:
+        return ""
+    said = []
+    for name, dtype in (("fp32", "float32"), ("bf16", "bfloat16")):
+        isa = kernels.recurrent_matmul(dtype)
+        said.append(f"{name} by at::mm" if isa == "at::mm" else f"{name} by charlm's {isa} micro-kernel")
+    return "recurrent matmuls: " + ", ".join(said)

@@ -9,7 +9,11 @@
 //   h' = n + z * (h - n)
 //
 // The matmuls run in the dtype of the weights given (float32, or bfloat16 under bf16 autocast);
-// the gates, the state and everything saved for the backward pass stay float32.
+// the gates, the state and everything saved for the backward pass stay float32. Two ways through
+// the training loops: the row path (forward_rows, backward_rows), where charlm's micro-kernels do
+// the recurrent matmuls and each thread runs every step for its own rows of the batch, and one
+// at::mm a step with the gates split over the threads, where the micro-kernels are not built for
+// this CPU (rows_path says which).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -18,8 +22,21 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <tuple>
 #include <vector>
+
+// The row path: the recurrent matmuls by charlm's own micro-kernels, so that each thread runs the
+// whole time loop for its own rows of the batch, with no hand-over between threads a step. float32
+// with AVX-512 or AVX2 and FMA; bfloat16 with AVX-512 BF16's pair dot product (vdpbf16ps), where
+// the CPU has no AMX (there oneDNN's at::mm, which uses AMX, does the bfloat16 matmuls).
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#include <immintrin.h>
+#define CHARLM_ROWS_F32 1
+#endif
+#if defined(__AVX512BF16__) && defined(__AVX512F__) && !defined(__AMX_BF16__)
+#define CHARLM_ROWS_BF16 1
+#endif
 
 using at::Tensor;
 
@@ -38,6 +55,17 @@ using at::Tensor;
 namespace {
 
 template <typename T> inline float f32(T v) { return static_cast<float>(v); }
+
+// Stores v as the matmul dtype at p[j]. bfloat16: rounded to nearest even, as c10's conversion
+// does, NaN kept NaN, but without its branch and through the raw bits, so that the loops that
+// write bfloat16 vectorize.
+inline void put(float* p, int64_t j, float v) { p[j] = v; }
+inline void put(at::BFloat16* p, int64_t j, float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof u);
+  const uint16_t rounded = static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  reinterpret_cast<uint16_t*>(p)[j] = v != v ? uint16_t{0x7fc0} : rounded;
+}
 
 // exp for the gates, inline so that the gate loops vectorize: Cody-Waite reduction and Cephes'
 // degree-6 polynomial. The sigmoid and tanh below built on it stay within 2e-7 of float64's on
@@ -73,12 +101,12 @@ template <typename F> void over_rows(int64_t rows, int64_t width, const F& body)
 
 // One forward step for rows [b0, b1): reads gi (B, 3H), gh = W_h h (B, 3H), b_hh, h_prev;
 // writes the gates, the new state (float32) and its copy in the matmul dtype.
-template <typename M>
-void forward_step(int64_t b0, int64_t b1, int64_t H, const M* gi, const M* gh, const float* b_hh,
+template <typename M, typename G = M>
+void forward_step(int64_t b0, int64_t b1, int64_t H, const M* gi, const G* gh, const float* b_hh,
                   const float* h_prev, float* rz, float* n_out, float* ghn_out, float* h_out, M* h_mm) {
   for (int64_t b = b0; b < b1; ++b) {
     const M* gib = gi + b * 3 * H;
-    const M* ghb = gh + b * 3 * H;
+    const G* ghb = gh + b * 3 * H;
     const float* hp = h_prev + b * H;
     float* r_ = rz + b * 2 * H;
     float* z_ = r_ + H;
@@ -98,9 +126,252 @@ void forward_step(int64_t b0, int64_t b1, int64_t H, const M* gi, const M* gh, c
       n_[j] = n;
       g_[j] = ghn;
       ho[j] = h;
-      hm[j] = static_cast<M>(h);
+      put(hm, j, h);
     }
   }
+}
+
+
+// One backward step for rows [b0, b1). dh = d_out + dhz + back, where back = d_gh(t+1) @ W_h
+// and dhz = dh(t+1) * z(t+1); writes d_gi = dL/d(W_i x + b_i) and d_gh = dL/d(W_h h + b_h),
+// each (B, 3H) in the matmul dtype, and the new dhz; adds the rows' d_r, d_z, d_n and d_n * r
+// (float32, before rounding) to sums (4H): the bias gradients.
+template <typename M, typename Back = M>
+void backward_step(int64_t b0, int64_t b1, int64_t H, const float* d_out, const Back* back, float* dhz,
+                   const float* rz, const float* n_, const float* ghn, const float* h_prev, M* d_gi, M* d_gh,
+                   float* sums) {
+  for (int64_t b = b0; b < b1; ++b) {
+    const float* dob = d_out + b * H;
+    const Back* bb = back ? back + b * H : nullptr;
+    float* dz_ = dhz + b * H;
+    const float* r_ = rz + b * 2 * H;
+    const float* z_ = r_ + H;
+    const float* nb = n_ + b * H;
+    const float* gb = ghn + b * H;
+    const float* hp = h_prev + b * H;
+    M* di = d_gi + b * 3 * H;
+    M* dg = d_gh + b * 3 * H;
+#pragma GCC ivdep
+    for (int64_t j = 0; j < H; ++j) {
+      float dh = dob[j] + dz_[j] + (bb ? f32(bb[j]) : 0.f);
+      float r = r_[j], z = z_[j], n = nb[j];
+      const float d_pre_n = dh * (1.f - z) * (1.f - n * n);
+      const float d_r = d_pre_n * gb[j] * r * (1.f - r);
+      const float d_z = dh * (hp[j] - n) * z * (1.f - z);
+      const float d_hn = d_pre_n * r;
+      put(di, j, d_r);
+      put(dg, j, d_r);
+      put(di, H + j, d_z);
+      put(dg, H + j, d_z);
+      put(di, 2 * H + j, d_pre_n);
+      put(dg, 2 * H + j, d_hn);
+      dz_[j] = dh * z;
+      sums[j] += d_r;
+      sums[H + j] += d_z;
+      sums[2 * H + j] += d_pre_n;
+      sums[3 * H + j] += d_hn;
+    }
+  }
+}
+
+#ifdef CHARLM_ROWS_F32
+// The vector the micro-kernels work in: U float32 lanes; a tile is up to kRows rows of the batch.
+#ifdef __AVX512F__
+using Vec = __m512;
+constexpr int U = 16, kRows = 8;
+inline Vec vzero() { return _mm512_setzero_ps(); }
+inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
+inline Vec vfma(float a, Vec w, Vec acc) { return _mm512_fmadd_ps(_mm512_set1_ps(a), w, acc); }
+inline void vstore(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+#else
+using Vec = __m256;
+constexpr int U = 8, kRows = 3;  // AVX2 has 16 registers: 9 sums, 3 weights, 1 input
+inline Vec vzero() { return _mm256_setzero_ps(); }
+inline Vec vload(const float* p) { return _mm256_loadu_ps(p); }
+inline Vec vfma(float a, Vec w, Vec acc) { return _mm256_fmadd_ps(_mm256_set1_ps(a), w, acc); }
+inline void vstore(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+#endif
+
+// acc[i][c] = x[i] @ w[:, c] for R rows of x (K each, row stride xs) and one tile of weights,
+// C blocks of U columns laid out by for_tiles: (K, C, U) float32, or (K / 2, C, U, 2) bfloat16
+// (row pairs side by side, as vdpbf16ps multiplies them). float32 sums.
+template <int R, int C>
+inline void tile(const float* x, int64_t xs, int64_t K, const float* w, float (*out)[C][U]) {
+  Vec acc[R][C];
+  for (int i = 0; i < R; ++i)
+    for (int c = 0; c < C; ++c) acc[i][c] = vzero();
+  for (int64_t k = 0; k < K; ++k) {
+    Vec wv[C];
+    for (int c = 0; c < C; ++c) wv[c] = vload(w + (k * C + c) * U);
+    for (int i = 0; i < R; ++i) {
+      const float a = x[i * xs + k];
+      for (int c = 0; c < C; ++c) acc[i][c] = vfma(a, wv[c], acc[i][c]);
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int c = 0; c < C; ++c) vstore(out[i][c], acc[i][c]);
+}
+
+#ifdef CHARLM_ROWS_BF16
+inline __m512bh as_bh(__m512i v) { return reinterpret_cast<__m512bh&>(v); }
+
+template <int R, int C>
+inline void tile(const at::BFloat16* x, int64_t xs, int64_t K, const at::BFloat16* w, float (*out)[C][U]) {
+  __m512 acc[R][C];
+  for (int i = 0; i < R; ++i)
+    for (int c = 0; c < C; ++c) acc[i][c] = _mm512_setzero_ps();
+  const int32_t* xp = reinterpret_cast<const int32_t*>(x);  // x's pairs, one 32-bit word each
+  for (int64_t k = 0; k < K / 2; ++k) {
+    __m512bh wv[C];
+    for (int c = 0; c < C; ++c) wv[c] = as_bh(_mm512_loadu_si512(w + (k * C + c) * 2 * U));
+    for (int i = 0; i < R; ++i) {
+      const __m512bh a = as_bh(_mm512_set1_epi32(xp[i * xs / 2 + k]));
+      for (int c = 0; c < C; ++c) acc[i][c] = _mm512_dpbf16_ps(acc[i][c], a, wv[c]);
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(out[i][c], acc[i][c]);
+}
+#endif
+
+// tile for r rows, 1 <= r <= kRows: the row count a template parameter, so that the loops unroll.
+template <int C, typename M>
+void tile_rows(int r, const M* x, int64_t xs, int64_t K, const M* w, float (*out)[C][U]) {
+  switch (r) {
+#ifdef __AVX512F__
+    case 8: return tile<8, C>(x, xs, K, w, out);
+    case 7: return tile<7, C>(x, xs, K, w, out);
+    case 6: return tile<6, C>(x, xs, K, w, out);
+    case 5: return tile<5, C>(x, xs, K, w, out);
+#endif
+    case 4: return tile<4, C>(x, xs, K, w, out);
+    case 3: return tile<3, C>(x, xs, K, w, out);
+    case 2: return tile<2, C>(x, xs, K, w, out);
+    default: return tile<1, C>(x, xs, K, w, out);
+  }
+}
+
+// w (K, N) laid out as tiles, one after another, each read front to back by the micro-kernel:
+// tile q holds columns q * qs + c * cs + [0, U) for c < C, as (K, C, U) float32 or, K even,
+// (K / 2, C, U, 2) bfloat16.
+template <typename E, int64_t pair>
+void lay_tiles(const E* src, E* dst, int64_t K, int64_t N, int64_t tiles, int64_t qs, int64_t cs, int64_t C) {
+  at::parallel_for(0, tiles, 1, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) {
+      E* tile = dst + q * K * C * U;
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t c = 0; c < C; ++c) {
+          const E* row = src + k * N + q * qs + c * cs;
+          E* to = tile + ((k / pair) * C + c) * U * pair + k % pair;
+          for (int64_t j = 0; j < U; ++j) to[j * pair] = row[j];
+        }
+    }
+  });
+}
+
+Tensor for_tiles(const Tensor& w_, int64_t tiles, int64_t qs, int64_t cs, int64_t C) {
+  const Tensor w = w_.contiguous();
+  const int64_t K = w.size(0), N = w.size(1);
+  Tensor p = at::empty({tiles, K * C * U}, w.options());
+  if (w.scalar_type() == at::kFloat)
+    lay_tiles<float, 1>(w.const_data_ptr<float>(), p.data_ptr<float>(), K, N, tiles, qs, cs, C);
+  else
+    lay_tiles<uint16_t, 2>(reinterpret_cast<const uint16_t*>(w.const_data_ptr<at::BFloat16>()),
+                           reinterpret_cast<uint16_t*>(p.data_ptr<at::BFloat16>()), K, N, tiles, qs, cs, C);
+  return p;
+}
+
+// The rows of the batch never meet in the time loop, so each thread takes a block of rows and
+// runs every step for them alone: the recurrent matmul, U hidden units of each gate at a time,
+// into gh (float32), then the gates.
+template <typename M>
+void forward_rows(int64_t T, int64_t B, int64_t H, const M* gi, const M* w, const float* b_hh, const float* h0,
+                  const M* h0_mm, float* rz, float* n, float* ghn, float* out, M* out_mm) {
+  const int64_t blocks = (B + kRows - 1) / kRows;
+  at::parallel_for(0, blocks, 1, [&](int64_t blk0, int64_t blk1) {
+    const int64_t begin = blk0 * kRows, end = std::min(B, blk1 * kRows);
+    std::vector<float> gh((end - begin) * 3 * H);  // this thread's rows of W_h h
+    alignas(64) float acc[kRows][3][U];
+    for (int64_t t = 0; t < T; ++t) {
+      const M* hm = t == 0 ? h0_mm : out_mm + (t - 1) * B * H;
+      for (int64_t u = 0; u < H; u += U) {
+        const M* slab = w + u * H * 3;  // tile u / U: columns u, H + u and 2H + u, U of each
+        for (int64_t r0 = begin; r0 < end; r0 += kRows) {
+          const int r = static_cast<int>(std::min<int64_t>(kRows, end - r0));
+          tile_rows<3>(r, hm + r0 * H, H, H, slab, acc);
+          for (int i = 0; i < r; ++i)
+            for (int c = 0; c < 3; ++c) std::memcpy(&gh[((r0 - begin + i) * 3 + c) * H + u], acc[i][c], sizeof acc[i][c]);
+        }
+      }
+      const int64_t o = t * B * H;
+      forward_step<M, float>(begin, end, H, gi + t * B * 3 * H, gh.data() - begin * 3 * H, b_hh,
+                             t == 0 ? h0 : out + o - B * H, rz + 2 * o, n + o, ghn + o, out + o, out_mm + o);
+    }
+  });
+}
+
+// The backward time loop, a block of rows per thread as in forward_rows: a step's gradients for
+// a tile's rows, then those rows' d_gh @ W_h (float32), which the step before reads.
+template <typename M>
+void backward_rows(int64_t T, int64_t B, int64_t H, const float* d_out, const float* h0, const float* out,
+                   const float* rz, const float* n, const float* ghn, const M* w, M* d_gi, M* d_gh, float* dhz,
+                   float* back, float* sums) {
+  const int64_t blocks = (B + kRows - 1) / kRows;
+  at::parallel_for(0, blocks, 1, [&](int64_t blk0, int64_t blk1) {
+    alignas(64) float acc[kRows][2][U];
+    float* my_sums = sums + at::get_thread_num() * 4 * H;
+    const int64_t end = std::min(B, blk1 * kRows);
+    for (int64_t t = T - 1; t >= 0; --t) {
+      const float* h_prev = t == 0 ? h0 : out + (t - 1) * B * H;
+      for (int64_t r0 = blk0 * kRows; r0 < end; r0 += kRows) {
+        const int64_t r1 = std::min(end, r0 + kRows);
+        backward_step<M, float>(r0, r1, H, d_out + t * B * H, t == T - 1 ? nullptr : back, dhz, rz + t * B * 2 * H,
+                                n + t * B * H, ghn + t * B * H, h_prev, d_gi + t * B * 3 * H, d_gh + t * B * 3 * H,
+                                my_sums);
+        const M* dg = d_gh + (t * B + r0) * 3 * H;
+        for (int64_t c = 0; c < H; c += 2 * U) {
+          const M* slab = w + c * 3 * H;  // tile c / 2U: columns [c, c + 2U), over 3H rows
+          tile_rows<2>(static_cast<int>(r1 - r0), dg, 3 * H, 3 * H, slab, acc);
+          for (int64_t i = 0; i < r1 - r0; ++i) std::memcpy(back + (r0 + i) * H + c, acc[i], sizeof acc[i]);
+        }
+      }
+    }
+  });
+}
+#endif
+
+// run(float()) or run(at::BFloat16()), for the row path's dtype (bfloat16 only where it is built).
+template <typename F> void rows_float_or_bf16(at::ScalarType type, const F& run) {
+#ifdef CHARLM_ROWS_BF16
+  if (type == at::kBFloat16) return run(at::BFloat16());
+#endif
+  run(float());
+}
+
+// Whether the row path takes a layer of H units in this matmul dtype: where its micro-kernel is
+// built for this CPU, and the units come in whole blocks of its vector width (twice that, for
+// the backward pass's tiles).
+bool rows_path(at::ScalarType mm_type, int64_t H) {
+#ifdef CHARLM_ROWS_F32
+  if (H % (2 * U) != 0) return false;
+  if (mm_type == at::kFloat) return true;
+#ifdef CHARLM_ROWS_BF16
+  if (mm_type == at::kBFloat16) return true;
+#endif
+#endif
+  (void)mm_type, (void)H;
+  return false;
+}
+
+// What the time loops' recurrent matmuls run on, for mm_type "float32" or "bfloat16".
+std::string recurrent_matmul(const std::string& mm_type) {
+  const auto type = mm_type == "bfloat16" ? at::kBFloat16 : at::kFloat;
+  if (!rows_path(type, 64)) return "at::mm";
+#ifdef __AVX512F__
+  return type == at::kBFloat16 ? "avx512_bf16" : "avx512";
+#else
+  return "avx2";
+#endif
 }
 
 // gi (T, B, 3H) and w_hh_t (H, 3H) in the matmul dtype, h0 (B, H) and b_hh (3H) float32
@@ -117,8 +388,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gru_forward(const Tensor& gi_
   Tensor out = at::empty({T, B, H}, f), rz = at::empty({T, B, 2 * H}, f);
   Tensor n = at::empty({T, B, H}, f), ghn = at::empty({T, B, H}, f);
   Tensor out_mm = mm_type == at::kFloat ? out : at::empty({T, B, H}, gi.options());
-  Tensor gh = at::empty({B, 3 * H}, gi.options());
   Tensor h_mm0 = h0.to(mm_type);
+#ifdef CHARLM_ROWS_F32
+  if (rows_path(mm_type, H)) {
+    const Tensor w = for_tiles(w_hh_t, H / U, U, H, 3);
+    rows_float_or_bf16(mm_type, [&](auto zero) {
+      using scalar_t = decltype(zero);
+      forward_rows<scalar_t>(T, B, H, gi.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
+                             b_hh.const_data_ptr<float>(), h0.const_data_ptr<float>(), h_mm0.const_data_ptr<scalar_t>(),
+                             rz.data_ptr<float>(), n.data_ptr<float>(), ghn.data_ptr<float>(), out.data_ptr<float>(),
+                             out_mm.data_ptr<scalar_t>());
+    });
+    return {out, out_mm, rz, n, ghn};
+  }
+#endif
+  Tensor gh = at::empty({B, 3 * H}, gi.options());
   const std::vector<Tensor> mm_steps = out_mm.unbind(0);  // the views made once, not one call a step
   CHARLM_FLOAT_OR_BF16(mm_type, "gru_forward", [&] {
     for (int64_t t = 0; t < T; ++t) {
@@ -141,46 +425,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gru_forward(const Tensor& gi_
   return {out, out_mm, rz, n, ghn};
 }
 
-// One backward step for rows [b0, b1). dh = d_out + dhz + back, where back = d_gh(t+1) @ W_h
-// and dhz = dh(t+1) * z(t+1); writes d_gi = dL/d(W_i x + b_i) and d_gh = dL/d(W_h h + b_h),
-// each (B, 3H) in the matmul dtype, and the new dhz; adds the rows' d_r, d_z, d_n and d_n * r
-// (float32, before rounding) to sums (4H): the bias gradients.
-template <typename M>
-void backward_step(int64_t b0, int64_t b1, int64_t H, const float* d_out, const M* back, float* dhz,
-                   const float* rz, const float* n_, const float* ghn, const float* h_prev, M* d_gi, M* d_gh,
-                   float* sums) {
-  for (int64_t b = b0; b < b1; ++b) {
-    const float* dob = d_out + b * H;
-    const M* bb = back ? back + b * H : nullptr;
-    float* dz_ = dhz + b * H;
-    const float* r_ = rz + b * 2 * H;
-    const float* z_ = r_ + H;
-    const float* nb = n_ + b * H;
-    const float* gb = ghn + b * H;
-    const float* hp = h_prev + b * H;
-    M* di = d_gi + b * 3 * H;
-    M* dg = d_gh + b * 3 * H;
-#pragma GCC ivdep
-    for (int64_t j = 0; j < H; ++j) {
-      float dh = dob[j] + dz_[j] + (bb ? f32(bb[j]) : 0.f);
-      float r = r_[j], z = z_[j], n = nb[j];
-      const float d_pre_n = dh * (1.f - z) * (1.f - n * n);
-      const float d_r = d_pre_n * gb[j] * r * (1.f - r);
-      const float d_z = dh * (hp[j] - n) * z * (1.f - z);
-      const float d_hn = d_pre_n * r;
-      di[j] = dg[j] = static_cast<M>(d_r);
-      di[H + j] = dg[H + j] = static_cast<M>(d_z);
-      di[2 * H + j] = static_cast<M>(d_pre_n);
-      dg[2 * H + j] = static_cast<M>(d_hn);
-      dz_[j] = dh * z;
-      sums[j] += d_r;
-      sums[H + j] += d_z;
-      sums[2 * H + j] += d_pre_n;
-      sums[3 * H + j] += d_hn;
-    }
-  }
-}
-
 // d_out (T, B, H) float32, what gru_forward saved, w_hh (3H, H) in the matmul dtype
 // -> d_gi = dL/d(W_i x + b_i) and d_gh = dL/d(W_h h + b_h), each (T, B, 3H) in the matmul dtype,
 // dL/dh0 (B, H), and the bias gradients dL/db_i, dL/db_h (3H), float32.
@@ -196,8 +440,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward(const Tensor& d_
   Tensor dhz = at::zeros({B, H}, h0.options());
   // each thread sums its own rows (at::parallel_for gives a thread one block of rows a call)
   Tensor sums = at::zeros({at::get_num_threads(), 4 * H}, h0.options());
+  Tensor d_h0;
+#ifdef CHARLM_ROWS_F32
+  if (rows_path(mm_type, H)) {
+    const Tensor w = for_tiles(w_hh, H / (2 * U), 2 * U, U, 2), back_f = at::zeros({B, H}, h0.options());
+    rows_float_or_bf16(mm_type, [&](auto zero) {
+      using scalar_t = decltype(zero);
+      backward_rows<scalar_t>(T, B, H, d_out.const_data_ptr<float>(), h0.const_data_ptr<float>(),
+                              out.contiguous().const_data_ptr<float>(), rz.contiguous().const_data_ptr<float>(),
+                              n.contiguous().const_data_ptr<float>(), ghn.contiguous().const_data_ptr<float>(),
+                              w.const_data_ptr<scalar_t>(), d_gi.data_ptr<scalar_t>(), d_gh.data_ptr<scalar_t>(),
+                              dhz.data_ptr<float>(), back_f.data_ptr<float>(), sums.data_ptr<float>());
+    });
+    d_h0 = dhz + back_f;
+  }
+#endif
   const std::vector<Tensor> dgh_steps = d_gh.unbind(0);
-  CHARLM_FLOAT_OR_BF16(mm_type, "gru_backward", [&] {
+  if (!d_h0.defined()) CHARLM_FLOAT_OR_BF16(mm_type, "gru_backward", [&] {
     for (int64_t t = T - 1; t >= 0; --t) {
       const float* h_prev = t == 0 ? h0.const_data_ptr<float>() : out.const_data_ptr<float>() + (t - 1) * B * H;
       const scalar_t* back_p = t == T - 1 ? nullptr : back.const_data_ptr<scalar_t>();
@@ -215,7 +474,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward(const Tensor& d_
       at::mm_out(back, dgh_steps[t], w_hh);
     }
   });
-  Tensor d_h0 = dhz + back.to(at::kFloat);
+  if (!d_h0.defined()) d_h0 = dhz + back.to(at::kFloat);
   Tensor total = sums.sum(0);  // d_r, d_z, d_n, d_n * r
   Tensor d_b_ih = total.narrow(0, 0, 3 * H).clone();
   Tensor d_b_hh = at::cat({total.narrow(0, 0, 2 * H), total.narrow(0, 3 * H, H)});
@@ -357,4 +616,5 @@ TORCH_LIBRARY(charlm, m) {
   m.def("draw", &draw);
   m.def("dropout_mask", &dropout_mask);
   m.def("threads", &threads);
+  m.def("recurrent_matmul", &recurrent_matmul);
 }
