@@ -143,7 +143,8 @@ def test_bench_prints_its_table(tmp_path):
     proc = run_cli("-m", "charlm.bench", "models=given", "d_model=16", "batch_size=4", "seq_len=8", "steps=1",
                    "reps=2", "sample_reps=1", cwd=tmp_path)
     out = proc.stdout
-    for line in ("plain nn.GRU loop", "charlm step", "ratio charlm / plain", "batch 1 ", "batch 64",
+    for line in ("matmul peak at the start", "peak beside it fp32 ", "plain nn.GRU loop", "charlm step",
+                 "ratio charlm / plain", "batch 1 ", "batch 64",
                  "2,000 vs 500 bytes cost", "peak memory:"):
         assert line in out, out
     bad = run_cli("-m", "charlm.bench", "batch_size=0", cwd=tmp_path, check=False)

@@ -3,7 +3,9 @@
     python -m charlm.bench [device=cuda] [models=given d_model=512 batch_size=32] [reps=5] ...
 
 First the machine's matmul peak in fp32 and bf16, measured in this run; every rate after it is
-also given as a fraction of that peak. Training, for the default models of data=timemachine,
+also given as a fraction of the peak measured beside it (one matmul in each precision before
+each repetition of a training row, five before the sampling rows: on a shared machine the peak
+itself drifts from minute to minute). Training, for the default models of data=timemachine,
 model=reference and data=tinyshakespeare (or only the one given): charlm's real step (CharLM,
 AdamW, gradient clipping, train.precision=auto) against a plain PyTorch loop (Embedding ->
 nn.GRU -> Linear -> LogSoftmax, Adam, fp32), same sizes and same batches, timed in turn in this
@@ -19,7 +21,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -82,13 +84,44 @@ def _fmt(times: list[float], work: float) -> tuple[float, str]:
     return med, f"{med:>9,.0f}  ({rates[0]:,.0f}-{rates[-1]:,.0f})"
 
 
-def matmul_peak(dtype: torch.dtype, device: torch.device, size: int = 2048, reps: int = 5) -> float:
-    """GFLOP/s of the best of `reps` (size, size) @ (size, size) matmuls in dtype: the machine's peak."""
-    g = torch.Generator().manual_seed(0)
-    a, b = (torch.randn(size, size, generator=g).to(device=device, dtype=dtype) for _ in range(2))
-    a @ b  # warm up
-    best = min(_time(lambda: a @ b, device) for _ in range(reps))
-    return 2 * size**3 / best / 1e9
+class Peak:
+    """The machine's matmul peak in fp32 and bf16: a (size, size) @ (size, size) matmul, timed
+    whenever measure() is called, so that each row of the table is set against the peak measured
+    beside it (on a shared machine the peak itself drifts from minute to minute)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        # emulated bf16 runs a 2048^3 matmul for tens of seconds: a smaller one shows the rate
+        self.emulated = device.type == "cpu" and matmul_micros(torch.bfloat16) >= matmul_micros(torch.float32)
+        self.size = {"fp32": 2048, "bf16": 256 if self.emulated else 2048}
+        g = torch.Generator().manual_seed(0)
+        self.operands = {
+            name: tuple(torch.randn(self.size[name], self.size[name], generator=g).to(device=device, dtype=dtype)
+                        for _ in range(2))
+            for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))
+        }
+        self.rates: dict[str, list[float]] = {"fp32": [], "bf16": []}
+        for name in self.rates:  # warm up
+            a, b = self.operands[name]
+            a @ b
+
+    def measure(self, name: str) -> float:
+        """GFLOP/s of one matmul in precision `name` (fp32, bf16), now."""
+        a, b = self.operands[name]
+        rate = 2 * self.size[name] ** 3 / _time(lambda: a @ b, self.device) / 1e9
+        self.rates[name].append(rate)
+        return rate
+
+    def best(self, name: str, reps: int = 5) -> float:
+        """The best of `reps` measurements now."""
+        return max(self.measure(name) for _ in range(reps))
+
+    def mark(self) -> dict[str, int]:
+        return {name: len(rates) for name, rates in self.rates.items()}
+
+    def best_since(self, name: str, mark: dict[str, int]) -> float:
+        """The best measurement since mark() was called."""
+        return max(self.rates[name][mark[name]:])
 
 
 def _rows(args: BenchConfig) -> list[tuple[str, int, int, int, int]]:
@@ -100,20 +133,20 @@ def _rows(args: BenchConfig) -> list[tuple[str, int, int, int, int]]:
             ("data=tinyshakespeare", 128, 2, 64, 25)]
 
 
-def bench_training(args: BenchConfig, device: torch.device, peaks: dict[str, float]) -> list[str]:
-    lines = [f"training: tokens/s, median (min-max) of {args.reps} repetitions of {args.steps} steps (more where"
+def bench_training(args: BenchConfig, device: torch.device, peak: Peak) -> Iterator[str]:
+    yield (f"training: tokens/s, median (min-max) of {args.reps} repetitions of {args.steps} steps (more where"
              f" {args.steps} steps hold under {MIN_TOKENS:,} tokens, so that a small model's repetition is not"
-             " lost in noise; models=given takes steps as given); the"
-             " matmul rate is 6 x weights outside the embedding per token, against this run's peak"]
+             " lost in noise; models=given takes steps as given); the matmul rate is 6 x weights outside the"
+             " embedding per token, against the peak measured beside the row (the best of one matmul in each"
+             " precision before each repetition)")
     for name, d_model, n_layers, batch, seq in _rows(args):
-        lines += _train_row(args, device, peaks, name, d_model, n_layers, batch, seq)
-    return lines
+        yield from _train_row(args, device, peak, name, d_model, n_layers, batch, seq)
 
 
 MIN_TOKENS = 16_000  # per timed repetition: 5 default steps hold 32,000, Tiny Shakespeare's 8,000
 
 
-def _train_row(args: BenchConfig, device: torch.device, peaks: dict[str, float], name: str,
+def _train_row(args: BenchConfig, device: torch.device, peak: Peak, name: str,
                d_model: int, n_layers: int, batch: int, seq: int) -> list[str]:
     torch.manual_seed(0)
     tc = TrainConfig(batch_size=batch, seq_len=seq)
@@ -142,9 +175,13 @@ def _train_row(args: BenchConfig, device: torch.device, peaks: dict[str, float],
 
     plain_steps(), our_steps()  # warm up: allocator, kernels, optimizer state
     t_plain, t_ours = [], []
-    for _ in range(args.reps):  # in turn, so drift in the machine's speed hits both alike
+    mark = peak.mark()
+    for _ in range(args.reps):  # in turn, so drift in the machine's speed hits both alike, and the peak
+        peak.measure("fp32")
         t_plain.append(_time(plain_steps, device))
+        peak.measure(precision.name)
         t_ours.append(_time(our_steps, device))
+    peaks = {name: peak.best_since(name, mark) for name in {"fp32", precision.name}}
     tokens = steps * batch * seq
     flop = 6 * sum(p.numel() for n, p in ours.named_parameters() if not n.startswith("embed"))
     plain_rate, plain_s = _fmt(t_plain, tokens)
@@ -152,7 +189,8 @@ def _train_row(args: BenchConfig, device: torch.device, peaks: dict[str, float],
     ours_label = f"charlm step, {precision.name} ({precision.why.split(':')[0]})"
     return [
         f"  {name}: {d_model} x {n_layers} layers, batch {batch} x {seq}, {flop / 1e6:.1f} MFLOP per token,"
-        f" {steps} steps a repetition",
+        f" {steps} steps a repetition; peak beside it "
+        + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in sorted(peaks.items())),
         f"    {'plain nn.GRU loop, fp32, Adam':<34}{plain_s} tokens/s {_of_peak(plain_rate * flop, peaks, 'fp32')}",
         f"    {ours_label:<34}{our_s} tokens/s {_of_peak(our_rate * flop, peaks, precision.name)}",
         f"    {'ratio charlm / plain':<34}{our_rate / plain_rate:>9.2f}x   ({precision.why})",
@@ -163,9 +201,10 @@ def _of_peak(flops: float, peaks: dict[str, float], precision: str) -> str:
     return f"{flops / 1e9:6.1f} GFLOP/s = {flops / 1e9 / peaks[precision]:4.0%} of the {precision} peak"
 
 
-def bench_sampling(args: BenchConfig, device: torch.device, peaks: dict[str, float]) -> list[str]:
-    lines = [f"sampling: bytes/s at temperature 0.8, state carried (one step per byte), median of {args.sample_reps};"
-             f" decoding on the CPU: {native.status()}"]
+def bench_sampling(args: BenchConfig, device: torch.device, peak: Peak) -> Iterator[str]:
+    peaks = {"fp32": peak.best("fp32")}
+    yield (f"sampling: bytes/s at temperature 0.8, state carried (one step per byte), median of {args.sample_reps};"
+           f" decoding on the CPU: {native.status()}; fp32 peak {peaks['fp32']:.0f} GFLOP/s, best of 5 before it")
     widths = sorted({d for _, d, _, _, _ in _rows(args) if d >= 256} or {args.d_model})
     for d_model in widths:
         torch.manual_seed(0)
@@ -185,9 +224,8 @@ def bench_sampling(args: BenchConfig, device: torch.device, peaks: dict[str, flo
             med = statistics.median(times[2000])
             rate = n * 2000 / med
             ratio = med / statistics.median(times[500])
-            lines.append(f"  {d_model} x {args.n_layers}, batch {n:<3} {rate:>10,.0f} bytes/s "
-                         f"{_of_peak(rate * flop, peaks, 'fp32')}  (2,000 vs 500 bytes cost {ratio:.2f}x, linear is 4)")
-    return lines
+            yield (f"  {d_model} x {args.n_layers}, batch {n:<3} {rate:>10,.0f} bytes/s "
+                   f"{_of_peak(rate * flop, peaks, 'fp32')}  (2,000 vs 500 bytes cost {ratio:.2f}x, linear is 4)")
 
 
 def main(argv: list[str]) -> int:
@@ -212,18 +250,18 @@ def _bench(args: BenchConfig) -> int:
     )
     if device.type == "cpu":
         print(f"GRU time loops: {native.status()}" + (f"; {native.matmuls()}" if native.ops() else ""))
-    peaks = {"fp32": matmul_peak(torch.float32, device)}
-    emulated = device.type == "cpu" and matmul_micros(torch.bfloat16) >= matmul_micros(torch.float32)
-    # emulated bf16 runs a 2048^3 matmul for tens of seconds: a smaller one shows the rate
-    peaks["bf16"] = matmul_peak(torch.bfloat16, device, size=256 if emulated else 2048)
-    print(f"matmul peak, best 2048 x 2048 @ 2048 x 2048 in this run: fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 "
-          + (f"{peaks['bf16']:.2f} GFLOP/s (emulated on this CPU, 256 x 256 @ 256 x 256)" if emulated
-             else f"{peaks['bf16']:.0f} GFLOP/s"), flush=True)
+    peak = Peak(device)
+    fp32, bf16 = peak.best("fp32"), peak.best("bf16")
+    print(f"matmul peak at the start, best of 5 {peak.size['fp32']}^3 matmuls: fp32 {fp32:.0f} GFLOP/s, bf16 "
+          + (f"{bf16:.2f} GFLOP/s (emulated on this CPU, {peak.size['bf16']}^3)" if peak.emulated
+             else f"{bf16:.0f} GFLOP/s")
+          + "; each row below is set against the peak measured beside it", flush=True)
     for name, section in (("training", bench_training), ("sampling", bench_sampling)):
         if name != args.skip:
-            print("\n".join(section(args, device, peaks)), flush=True)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    print(f"peak memory: {peak:,.0f} MiB resident"
+            for line in section(args, device, peak):
+                print(line, flush=True)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    print(f"peak memory: {rss:,.0f} MiB resident"
           + (f", {torch.cuda.max_memory_allocated(device) / 2**20:,.0f} MiB on the GPU"
              if device.type == "cuda" else ""))
     return 0
