@@ -161,6 +161,51 @@ def test_native_draw_picks_what_the_pytorch_draw_picks(monkeypatch):
         assert all(int((a == 7).sum()) == 0 for a in fast)
 
 
+@needs_native
+@pytest.mark.parametrize("batch", [1, 3])
+def test_writing_bytes_in_one_kernel_call_gives_what_the_loop_gives(batch):
+    """Stepper.write: the same bytes, log-probabilities, state and generator state as drawing and
+    stepping byte by byte."""
+    torch.manual_seed(0)
+    step = Stepper(CharLM(ModelConfig(d_model=48, n_layers=2)).eval())
+    h = torch.randn(2, batch, 48)
+    log_probs = torch.log_softmax(torch.randn(batch, 256), dim=-1)
+    g_loop, g_once = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        lp, state, loop = log_probs, h, []
+        for _ in range(40):
+            byte = ops.draw(lp, 0.8, g_loop)
+            loop.append(byte)
+            lp, state, _ = step(byte, state)
+        written, lp_once, state_once = step.write(log_probs, h, 0.8, 40, g_once)
+    assert torch.equal(written, torch.stack(loop))
+    assert torch.equal(lp_once, lp) and torch.equal(state_once, state)
+    assert torch.equal(g_once.get_state(), g_loop.get_state())
+
+
+@needs_native
+def test_a_conversation_written_in_chunks_stops_where_the_byte_loop_stops(monkeypatch):
+    """Conversation.write with the kernel's chunks and byte by byte: the same text, ending just
+    after the stop sequence, and the same state to carry into the next turn."""
+    model = CharLM(ModelConfig(d_model=48, n_layers=2))
+    torch.manual_seed(0)
+    probe = sampling.Conversation(model, generator=torch.Generator().manual_seed(3))
+    probe.read(b"t")
+    stop = bytes(list(probe.write(80))[50:52])  # two bytes this text writes at 51 and 52, maybe sooner
+    turns = {}
+    for chunked in (True, False):
+        if not chunked:
+            monkeypatch.setattr(Stepper, "can_write", lambda *a: False)
+        talk = sampling.Conversation(model, generator=torch.Generator().manual_seed(3))
+        talk.read(b"t")
+        first = bytes(talk.write(80, stop))
+        talk.read(b" and")
+        turns[chunked] = (first, bytes(talk.write(70)), talk.h)
+    assert turns[True][0] == turns[False][0] and turns[True][0].endswith(stop) and len(turns[True][0]) <= 52
+    assert turns[True][1] == turns[False][1]
+    torch.testing.assert_close(turns[True][2], turns[False][2], atol=0, rtol=0)
+
+
 def _train_and_sample_in_a_new_process(cwd, **env) -> subprocess.CompletedProcess:
     """A bf16 training step and a sample in a fresh interpreter with env added; prints the
     kernels' status line, then the sample's length."""

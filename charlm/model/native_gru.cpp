@@ -563,6 +563,39 @@ Tensor draw(const Tensor& log_probs_, double temperature, std::optional<at::Gene
   return out;
 }
 
+// Up to `steps` bytes written in one call, as that many turns of charlm.inference.sampling's loop
+// would: draw the next byte from log_probs (N, V), then step the model on it (gru_decode). Stops
+// early, for one text (N = 1), once its last bytes, after `tail` (the bytes written before this
+// call), spell `stop` (uint8; empty: never). -> the bytes (k, N) int64, and the log_probs and
+// state after the last of them: what the loop would leave, down to the generator's state.
+std::tuple<Tensor, Tensor, Tensor> gru_write(const Tensor& log_probs, const Tensor& h, const Tensor& table,
+                                             const std::vector<Tensor>& w_ih_t, const std::vector<Tensor>& b_ih,
+                                             const std::vector<Tensor>& w_hh_t, const std::vector<Tensor>& b_hh,
+                                             const Tensor& head_w_t, const Tensor& head_b, double temperature,
+                                             int64_t steps, const Tensor& stop_, const Tensor& tail_,
+                                             std::optional<at::Generator> generator) {
+  const Tensor stop = stop_.to(at::kByte).contiguous(), tail = tail_.to(at::kByte).contiguous();
+  const int64_t N = log_probs.size(0), S = stop.numel();
+  TORCH_CHECK(S == 0 || N == 1, "gru_write: a stop sequence is for one text");
+  std::vector<uint8_t> seen(tail.const_data_ptr<uint8_t>(), tail.const_data_ptr<uint8_t>() + tail.numel());
+  Tensor out = at::empty({steps, N}, log_probs.options().dtype(at::kLong));
+  Tensor lp = log_probs, state = h.contiguous();
+  int64_t k = 0;
+  while (k < steps) {
+    const Tensor byte = draw(lp, temperature, generator);
+    out[k].copy_(byte);
+    std::tie(lp, state) = gru_decode(byte, state, table, w_ih_t, b_ih, w_hh_t, b_hh, head_w_t, head_b);
+    ++k;
+    if (S > 0) {
+      seen.push_back(static_cast<uint8_t>(byte.const_data_ptr<int64_t>()[0]));
+      if (static_cast<int64_t>(seen.size()) >= S &&
+          std::memcmp(seen.data() + seen.size() - S, stop.const_data_ptr<uint8_t>(), S) == 0)
+        break;
+    }
+  }
+  return {out.narrow(0, 0, k), lp, state};
+}
+
 // A 32-bit integer hash (lowbias32): the dropout mask's random bits, by element index.
 inline uint32_t mix32(uint32_t x) {
   x ^= x >> 16;
@@ -614,6 +647,7 @@ TORCH_LIBRARY(charlm, m) {
   m.def("gru_backward", &gru_backward);
   m.def("gru_decode", &gru_decode);
   m.def("draw", &draw);
+  m.def("gru_write", &gru_write);
   m.def("dropout_mask", &dropout_mask);
   m.def("threads", &threads);
   m.def("recurrent_matmul", &recurrent_matmul);

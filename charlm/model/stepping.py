@@ -73,6 +73,23 @@ class Stepper:
         logits = torch.addmm(self.head[1], x, self.head[0])
         return torch.log_softmax(logits, dim=-1), torch.stack(states), None
 
+    def can_write(self, temperature: float, top_k: Optional[int], top_p: Optional[float]) -> bool:
+        """Whether write() takes these settings: the kernels loaded, and their own draw (temperature
+        above 0, no top-k or top-p)."""
+        return self.native is not None and temperature > 0 and top_k is None and top_p is None
+
+    def write(self, log_probs: torch.Tensor, h: torch.Tensor, temperature: float, steps: int,
+              generator: Optional[torch.Generator] = None, stop: bytes = b"", tail: bytes = b""
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`steps` turns of sampling's loop in one kernel call (native_gru.cpp's gru_write): draw the
+        next byte from log_probs (N, 256) as next_byte would, then step on it. -> (bytes (k, N),
+        log_probs, h) after the last; k < steps only where one text's bytes, after `tail`, reach
+        `stop`. The same bytes, state and generator state as the loop, without Python per byte."""
+        keep = tail[-len(stop):] if stop else b""
+        return self.native.gru_write(
+            log_probs, h.contiguous(), *self.native_weights, float(temperature), steps,
+            torch.tensor(list(stop), dtype=torch.uint8), torch.tensor(list(keep), dtype=torch.uint8), generator)
+
     def _with_gates(self, byte: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         x = self.model.embed(byte)  # (N, D)
         cell, layers = self.model.config.cell, []
