@@ -10,7 +10,6 @@ from charlm.model import native
 from charlm.model.network import CharLM
 from charlm.model.stepping import Stepper
 
-
 # Bytes written per kernel call where Stepper.write can (at about 60 µs a byte, 2 ms): a consumer
 # that stops reading mid-chunk leaves the state and the generator up to this many bytes ahead.
 WRITE_CHUNK = 32

@@ -29,6 +29,7 @@ class Stepper:
         self.model = model
         self.fast = isinstance(model.recurrent, torch.nn.GRU)
         self.weights = [layer_weights(model.recurrent, k) for k in range(model.config.n_layers)]
+        self.native = None  # native_gru.cpp's ops, for the nn.GRU step on the CPU in float32
         if not self.fast:
             return
         with torch.no_grad():
