@@ -117,7 +117,7 @@ def check_native() -> str:
 def auto_choices(device: torch.device) -> list[str]:
     """What train.precision=auto picks for the default models on this device."""
     lines = []
-    for name, d, dropout, batch in (("timemachine", 256, 0.2, (64, 100)), ("tinyshakespeare", 128, 0.0, (32, 25))):
+    for name, d, dropout, batch in (("timemachine", 256, 0.2, (64, 100)), ("tinyshakespeare", 128, 0.0, (64, 25))):
         model = CharLM(ModelConfig(d_model=d, n_layers=2, dropout=dropout)).to(device)
         p = choose_precision("auto", model, device, batch)
         lines.append(f"  data={name} ({d}x2, batch {batch[0]}x{batch[1]}) on {device}: {p.name} ({p.why})")
