@@ -129,8 +129,14 @@ def _rows(args: BenchConfig) -> list[tuple[str, int, int, int, int]]:
     if args.models == "given":
         return [(f"d_model={args.d_model} n_layers={args.n_layers}", args.d_model, args.n_layers,
                  args.batch_size, args.seq_len)]
-    return [("data=timemachine (the default)", 256, 2, 64, 100), ("model=reference", 512, 2, 32, 100),
-            ("data=tinyshakespeare", 128, 2, 64, 25)]
+    from charlm.commands.settings import run_config
+
+    rows = []  # each corpus's model and batch as train.py composes them (the recipes); reference at 32 lanes
+    for name, overrides in (("data=timemachine (the default)", []), ("model=reference", ["model=reference",
+                            "train.batch_size=32"]), ("data=tinyshakespeare", ["data=tinyshakespeare"])):
+        cfg = run_config(overrides)
+        rows.append((name, cfg.model.d_model, cfg.model.n_layers, cfg.train.batch_size, cfg.train.seq_len))
+    return rows
 
 
 def bench_training(args: BenchConfig, device: torch.device, peak: Peak) -> Iterator[str]:

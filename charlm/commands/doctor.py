@@ -116,11 +116,15 @@ def check_native() -> str:
 
 def auto_choices(device: torch.device) -> list[str]:
     """What train.precision=auto picks for the default models on this device."""
+    from charlm.commands.settings import run_config
+
     lines = []
-    for name, d, dropout, batch in (("timemachine", 256, 0.2, (64, 100)), ("tinyshakespeare", 128, 0.0, (64, 25))):
-        model = CharLM(ModelConfig(d_model=d, n_layers=2, dropout=dropout)).to(device)
-        p = choose_precision("auto", model, device, batch)
-        lines.append(f"  data={name} ({d}x2, batch {batch[0]}x{batch[1]}) on {device}: {p.name} ({p.why})")
+    for name in ("timemachine", "tinyshakespeare"):  # each with its recipe, as train.py takes it
+        cfg = run_config([f"data={name}"])
+        m, batch = cfg.model, (cfg.train.batch_size, cfg.train.seq_len)
+        p = choose_precision("auto", CharLM(m).to(device), device, batch)
+        lines.append(f"  data={name} ({m.d_model}x{m.n_layers}, batch {batch[0]}x{batch[1]}) on {device}:"
+                     f" {p.name} ({p.why})")
     return lines
 
 

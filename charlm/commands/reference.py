@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from charlm.commands.settings import CONFIG_DIR, register_schemas, settings_help, show_value, to_object
+from charlm.commands.settings import CONFIG_DIR, run_config, settings_help, show_value
 from charlm.config import BenchConfig, ConvertConfig, EvaluateConfig, ExportConfig, RunConfig, SampleConfig, setting
 
 DEFAULT_OUT = CONFIG_DIR.parent / "docs" / "settings.md"
@@ -66,17 +66,9 @@ def reference_text() -> str:
 
 def _corpus_defaults() -> dict[str, str]:
     """`a; b` for each training setting whose default Tiny Shakespeare's recipe changes."""
-    timemachine, shakespeare = _flat(_composed([])), _flat(_composed(["data=tinyshakespeare"]))
+    timemachine, shakespeare = _flat(run_config([])), _flat(run_config(["data=tinyshakespeare"]))
     return {key: f"{_code(show_value(value))}; {_code(show_value(shakespeare[key]))}"
             for key, value in timemachine.items() if shakespeare[key] != value and key not in ("out_dir", "data.name")}
-
-
-def _composed(overrides: list[str]) -> RunConfig:
-    from hydra import compose, initialize_config_dir
-
-    register_schemas()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return to_object(compose("train", overrides=overrides), RunConfig)
 
 
 def _flat(config: Any, prefix: str = "") -> dict[str, Any]:

@@ -135,6 +135,12 @@ def compose(config_name: str, argv: list[str], usage: str) -> Optional[DictConfi
     return cfg
 
 
+def run_config(overrides: list[str]) -> RunConfig:
+    """What `python train.py <overrides>` trains with (the corpus's recipe applied): for tools that
+    time or describe a corpus's default model without restating its recipe."""
+    return to_object(compose("train", ["train.py", *overrides], ""), RunConfig)
+
+
 def _check_recipe_choices(overrides: list[str]) -> None:
     """recipe=... (and model=...) name files that must exist. configs/train.yaml marks recipe
     optional (a corpus without one takes the defaults), and Hydra skips a missing optional choice

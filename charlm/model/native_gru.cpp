@@ -243,8 +243,8 @@ void tile_rows(int r, const M* x, int64_t xs, int64_t K, const M* w, float (*out
     case 7: return tile<7, C>(x, xs, K, w, out);
     case 6: return tile<6, C>(x, xs, K, w, out);
     case 5: return tile<5, C>(x, xs, K, w, out);
-#endif
     case 4: return tile<4, C>(x, xs, K, w, out);
+#endif
     case 3: return tile<3, C>(x, xs, K, w, out);
     case 2: return tile<2, C>(x, xs, K, w, out);
     default: return tile<1, C>(x, xs, K, w, out);
@@ -436,45 +436,47 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward(const Tensor& d_
   const auto mm_type = w_hh.scalar_type();
   auto m = w_hh.options();
   Tensor d_gi = at::empty({T, B, 3 * H}, m), d_gh = at::empty({T, B, 3 * H}, m);
-  Tensor back = at::empty({B, H}, m);
   Tensor dhz = at::zeros({B, H}, h0.options());
   // each thread sums its own rows (at::parallel_for gives a thread one block of rows a call)
   Tensor sums = at::zeros({at::get_num_threads(), 4 * H}, h0.options());
   Tensor d_h0;
 #ifdef CHARLM_ROWS_F32
   if (rows_path(mm_type, H)) {
-    const Tensor w = for_tiles(w_hh, H / (2 * U), 2 * U, U, 2), back_f = at::zeros({B, H}, h0.options());
+    const Tensor w = for_tiles(w_hh, H / (2 * U), 2 * U, U, 2), back = at::zeros({B, H}, h0.options());
     rows_float_or_bf16(mm_type, [&](auto zero) {
       using scalar_t = decltype(zero);
       backward_rows<scalar_t>(T, B, H, d_out.const_data_ptr<float>(), h0.const_data_ptr<float>(),
-                              out.contiguous().const_data_ptr<float>(), rz.contiguous().const_data_ptr<float>(),
-                              n.contiguous().const_data_ptr<float>(), ghn.contiguous().const_data_ptr<float>(),
-                              w.const_data_ptr<scalar_t>(), d_gi.data_ptr<scalar_t>(), d_gh.data_ptr<scalar_t>(),
-                              dhz.data_ptr<float>(), back_f.data_ptr<float>(), sums.data_ptr<float>());
+                              out.const_data_ptr<float>(), rz.const_data_ptr<float>(), n.const_data_ptr<float>(),
+                              ghn.const_data_ptr<float>(), w.const_data_ptr<scalar_t>(), d_gi.data_ptr<scalar_t>(),
+                              d_gh.data_ptr<scalar_t>(), dhz.data_ptr<float>(), back.data_ptr<float>(),
+                              sums.data_ptr<float>());
     });
-    d_h0 = dhz + back_f;
-  }
+    d_h0 = dhz + back;
+  } else
 #endif
-  const std::vector<Tensor> dgh_steps = d_gh.unbind(0);
-  if (!d_h0.defined()) CHARLM_FLOAT_OR_BF16(mm_type, "gru_backward", [&] {
-    for (int64_t t = T - 1; t >= 0; --t) {
-      const float* h_prev = t == 0 ? h0.const_data_ptr<float>() : out.const_data_ptr<float>() + (t - 1) * B * H;
-      const scalar_t* back_p = t == T - 1 ? nullptr : back.const_data_ptr<scalar_t>();
-      const float* do_t = d_out.const_data_ptr<float>() + t * B * H;
-      const float* rz_t = rz.const_data_ptr<float>() + t * B * 2 * H;
-      const float* n_t = n.const_data_ptr<float>() + t * B * H;
-      const float* g_t = ghn.const_data_ptr<float>() + t * B * H;
-      scalar_t* di_t = d_gi.data_ptr<scalar_t>() + t * B * 3 * H;
-      scalar_t* dg_t = d_gh.data_ptr<scalar_t>() + t * B * 3 * H;
-      float* dz = dhz.data_ptr<float>();
-      over_rows(B, 3 * H, [&](int64_t b0, int64_t b1) {
-        backward_step<scalar_t>(b0, b1, H, do_t, back_p, dz, rz_t, n_t, g_t, h_prev, di_t, dg_t,
-                                sums.data_ptr<float>() + at::get_thread_num() * 4 * H);
-      });
-      at::mm_out(back, dgh_steps[t], w_hh);
-    }
-  });
-  if (!d_h0.defined()) d_h0 = dhz + back.to(at::kFloat);
+  {
+    Tensor back = at::empty({B, H}, m);
+    const std::vector<Tensor> dgh_steps = d_gh.unbind(0);
+    CHARLM_FLOAT_OR_BF16(mm_type, "gru_backward", [&] {
+      for (int64_t t = T - 1; t >= 0; --t) {
+        const float* h_prev = t == 0 ? h0.const_data_ptr<float>() : out.const_data_ptr<float>() + (t - 1) * B * H;
+        const scalar_t* back_p = t == T - 1 ? nullptr : back.const_data_ptr<scalar_t>();
+        const float* do_t = d_out.const_data_ptr<float>() + t * B * H;
+        const float* rz_t = rz.const_data_ptr<float>() + t * B * 2 * H;
+        const float* n_t = n.const_data_ptr<float>() + t * B * H;
+        const float* g_t = ghn.const_data_ptr<float>() + t * B * H;
+        scalar_t* di_t = d_gi.data_ptr<scalar_t>() + t * B * 3 * H;
+        scalar_t* dg_t = d_gh.data_ptr<scalar_t>() + t * B * 3 * H;
+        float* dz = dhz.data_ptr<float>();
+        over_rows(B, 3 * H, [&](int64_t b0, int64_t b1) {
+          backward_step<scalar_t>(b0, b1, H, do_t, back_p, dz, rz_t, n_t, g_t, h_prev, di_t, dg_t,
+                                  sums.data_ptr<float>() + at::get_thread_num() * 4 * H);
+        });
+        at::mm_out(back, dgh_steps[t], w_hh);
+      }
+    });
+    d_h0 = dhz + back.to(at::kFloat);
+  }
   Tensor total = sums.sum(0);  // d_r, d_z, d_n, d_n * r
   Tensor d_b_ih = total.narrow(0, 0, 3 * H).clone();
   Tensor d_b_hh = at::cat({total.narrow(0, 0, 2 * H), total.narrow(0, 3 * H, H)});
@@ -583,7 +585,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_write(const Tensor& log_probs, const Tens
   int64_t k = 0;
   while (k < steps) {
     const Tensor byte = draw(lp, temperature, generator);
-    out[k].copy_(byte);
+    std::memcpy(out.data_ptr<int64_t>() + k * N, byte.const_data_ptr<int64_t>(), N * sizeof(int64_t));
     std::tie(lp, state) = gru_decode(byte, state, table, w_ih_t, b_ih, w_hh_t, b_hh, head_w_t, head_b);
     ++k;
     if (S > 0) {
