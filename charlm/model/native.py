@@ -1,8 +1,8 @@
 """charlm's fused GRU kernels (charlm/model/native_gru.cpp): compiled for this CPU on first use,
 cached, and used where they load; PyTorch's own operations compute the same thing elsewhere.
 
-    ops()     torch.ops.charlm (gru_forward, gru_backward, gru_decode, draw, dropout_mask, threads,
-              recurrent_matmul), or None
+    ops()     torch.ops.charlm (gru_forward, gru_backward, gru_decode, gemv_layout, draw, gru_write,
+              dropout_mask, threads, recurrent_matmul), or None
     status()  one line: which path runs, and why
     matmuls() what the time loops' recurrent matmuls run on, in fp32 and bf16
 

@@ -18,6 +18,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -483,54 +484,110 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward(const Tensor& d_
   return {d_gi, d_gh, d_h0, d_b_ih, d_b_hh};
 }
 
-// y (M) = b + x (K) @ w_t (K, M), float32, both threads over blocks of columns: batch-1 decoding,
-// where a matmul library call costs more than the arithmetic.
-void gemv(const float* x, const float* w_t, const float* bias, float* y, int64_t K, int64_t M) {
-  at::parallel_for(0, M, 256, [&](int64_t m0, int64_t m1) {
-    for (int64_t j = m0; j < m1; ++j) y[j] = bias ? bias[j] : 0.f;
-    for (int64_t k = 0; k < K; ++k) {
-      const float xk = x[k];
-      const float* row = w_t + k * M;
-#pragma GCC ivdep
-      for (int64_t j = m0; j < m1; ++j) y[j] += xk * row[j];
+// Batch-1 decoding's matmuls, y (M) = b + x (K) @ w (K, M) in float32, bound by reading the weights:
+// the columns in blocks of kCols, laid out block after block (gemv_layout), so that a block's
+// kCols sums stay in registers over the whole of K while its weights are read in order.
+constexpr int64_t kCols = 64;
+
+// w_t (K, M) float32 -> (ceil(M / kCols), K, kCols), the last block padded with zeros.
+Tensor gemv_layout(const Tensor& w_t) {
+  TORCH_CHECK(w_t.dim() == 2 && w_t.scalar_type() == at::kFloat, "gemv_layout: w_t (K, M) float32");
+  const int64_t K = w_t.size(0), M = w_t.size(1), blocks = (M + kCols - 1) / kCols;
+  Tensor padded = w_t;
+  if (M % kCols != 0) {
+    padded = at::zeros({K, blocks * kCols}, w_t.options());
+    padded.narrow(1, 0, M).copy_(w_t);
+  }
+  return padded.reshape({K, blocks, kCols}).permute({1, 0, 2}).contiguous();
+}
+
+struct Gemv {
+  const float* x;     // (K)
+  const Tensor* w;    // gemv_layout's (blocks, K, kCols)
+  const float* bias;  // (M) or nullptr
+  float* y;           // (M)
+  int64_t M;
+};
+
+// Every job's y, their column blocks shared among the threads in one parallel region.
+void gemv(const std::vector<Gemv>& jobs) {
+  std::vector<int64_t> first{0};  // the first block of each job, in one count over all of them
+  int64_t work = 0;
+  for (const Gemv& g : jobs) {
+    first.push_back(first.back() + g.w->size(0));
+    work += g.w->numel();
+  }
+  const int64_t blocks = first.back(), grain = std::max<int64_t>(1, blocks * (1 << 15) / std::max<int64_t>(1, work));
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const size_t j = std::upper_bound(first.begin(), first.end(), b) - first.begin() - 1;
+      const Gemv& g = jobs[j];
+      const int64_t i = b - first[j], K = g.w->size(1), c0 = i * kCols, n = std::min(kCols, g.M - c0);
+      const float* w = g.w->const_data_ptr<float>() + i * K * kCols;
+      float acc[kCols] = {};
+      for (int64_t k = 0; k < K; ++k) {
+        const float xk = g.x[k];
+        const float* row = w + k * kCols;
+        for (int64_t c = 0; c < kCols; ++c) acc[c] += xk * row[c];
+      }
+      for (int64_t c = 0; c < n; ++c) g.y[c0 + c] = acc[c] + (g.bias ? g.bias[c0 + c] : 0.f);
     }
   });
 }
 
-// x (N, K) @ w_t (K, M) (+ b (M) where given)
-Tensor linear_rows(const Tensor& x, const Tensor& w_t, const Tensor* b) {
-  if (x.size(0) == 1) {
-    Tensor y = at::empty({1, w_t.size(1)}, x.options());
-    gemv(x.const_data_ptr<float>(), w_t.const_data_ptr<float>(), b ? b->const_data_ptr<float>() : nullptr,
-         y.data_ptr<float>(), w_t.size(0), w_t.size(1));
-    return y;
-  }
-  return b ? at::addmm(*b, x, w_t) : at::mm(x, w_t);
-}
-
 // One step of the stacked GRU and the output layer, float32: byte (N,) and h (L, N, H) ->
 // log-probabilities of the next byte (N, V) and the new state (L, N, H). table (V, 3H) is the
-// embedding folded into layer 0's input projection; w_ih_t, w_hh_t are transposed (in, 3H).
+// embedding folded into layer 0's input projection; w_ih_t, w_hh_t are transposed (in, 3H), for
+// N > 1; `blocked`, for N = 1, holds the same weights in gemv_layout's order: layer k's input
+// projection (empty for layer 0) and recurrent weights, for each layer in turn, then the head's.
 std::tuple<Tensor, Tensor> gru_decode(const Tensor& byte, const Tensor& h, const Tensor& table,
                                       const std::vector<Tensor>& w_ih_t, const std::vector<Tensor>& b_ih,
                                       const std::vector<Tensor>& w_hh_t, const std::vector<Tensor>& b_hh,
-                                      const Tensor& head_w_t, const Tensor& head_b) {
-  const int64_t L = h.size(0), N = h.size(1), H = h.size(2);
+                                      const Tensor& head_w_t, const Tensor& head_b,
+                                      const std::vector<Tensor>& blocked) {
+  const int64_t L = h.size(0), N = h.size(1), H = h.size(2), V = head_b.size(0);
   TORCH_CHECK(h.scalar_type() == at::kFloat && h.is_contiguous(), "gru_decode: h float32, contiguous");
+  TORCH_CHECK(static_cast<int64_t>(blocked.size()) == 2 * L + 1, "gru_decode: blocked needs 2 L + 1 tensors");
+  const bool one = N == 1;
   Tensor h_new = at::empty_like(h);
-  Tensor x;
   Tensor rz = at::empty({N, 2 * H}, h.options()), n = at::empty({N, H}, h.options()), g = at::empty({N, H}, h.options());
+  // every layer's recurrent matmul needs only the state read in: for one row, all in one region
+  Tensor gh_all = at::empty({L, N, 3 * H}, h.options());
+  if (one) {
+    std::vector<Gemv> jobs;
+    for (int64_t k = 0; k < L; ++k)
+      jobs.push_back({h[k].const_data_ptr<float>(), &blocked[2 * k + 1], nullptr, gh_all[k].data_ptr<float>(), 3 * H});
+    gemv(jobs);
+  } else {
+    for (int64_t k = 0; k < L; ++k) {
+      Tensor gh = gh_all[k];
+      at::mm_out(gh, h[k], w_hh_t[k]);
+    }
+  }
+  Tensor x;
   for (int64_t k = 0; k < L; ++k) {
-    Tensor hk = h[k];
-    Tensor gi = k == 0 ? table.index_select(0, byte) : linear_rows(x, w_ih_t[k], &b_ih[k]);
-    Tensor gh = linear_rows(hk, w_hh_t[k], nullptr);
+    Tensor gi;
+    if (k == 0) {
+      gi = table.index_select(0, byte);
+    } else if (one) {
+      gi = at::empty({1, 3 * H}, h.options());
+      gemv({{x.const_data_ptr<float>(), &blocked[2 * k], b_ih[k].const_data_ptr<float>(), gi.data_ptr<float>(), 3 * H}});
+    } else {
+      gi = at::addmm(b_ih[k], x, w_ih_t[k]);
+    }
     Tensor out = h_new[k];
-    forward_step<float>(0, N, H, gi.const_data_ptr<float>(), gh.const_data_ptr<float>(),
-                        b_hh[k].const_data_ptr<float>(), hk.const_data_ptr<float>(), rz.data_ptr<float>(),
+    forward_step<float>(0, N, H, gi.const_data_ptr<float>(), gh_all[k].const_data_ptr<float>(),
+                        b_hh[k].const_data_ptr<float>(), h[k].const_data_ptr<float>(), rz.data_ptr<float>(),
                         n.data_ptr<float>(), g.data_ptr<float>(), out.data_ptr<float>(), out.data_ptr<float>());
     x = out;
   }
-  Tensor logits = linear_rows(x, head_w_t, &head_b);
+  Tensor logits;
+  if (one) {
+    logits = at::empty({1, V}, h.options());
+    gemv({{x.const_data_ptr<float>(), &blocked[2 * L], head_b.const_data_ptr<float>(), logits.data_ptr<float>(), V}});
+  } else {
+    logits = at::addmm(head_b, x, head_w_t);
+  }
   return {at::log_softmax(logits, -1), h_new};
 }
 
@@ -573,7 +630,8 @@ Tensor draw(const Tensor& log_probs_, double temperature, std::optional<at::Gene
 std::tuple<Tensor, Tensor, Tensor> gru_write(const Tensor& log_probs, const Tensor& h, const Tensor& table,
                                              const std::vector<Tensor>& w_ih_t, const std::vector<Tensor>& b_ih,
                                              const std::vector<Tensor>& w_hh_t, const std::vector<Tensor>& b_hh,
-                                             const Tensor& head_w_t, const Tensor& head_b, double temperature,
+                                             const Tensor& head_w_t, const Tensor& head_b,
+                                             const std::vector<Tensor>& blocked, double temperature,
                                              int64_t steps, const Tensor& stop_, const Tensor& tail_,
                                              std::optional<at::Generator> generator) {
   const Tensor stop = stop_.to(at::kByte).contiguous(), tail = tail_.to(at::kByte).contiguous();
@@ -586,7 +644,7 @@ std::tuple<Tensor, Tensor, Tensor> gru_write(const Tensor& log_probs, const Tens
   while (k < steps) {
     const Tensor byte = draw(lp, temperature, generator);
     std::memcpy(out.data_ptr<int64_t>() + k * N, byte.const_data_ptr<int64_t>(), N * sizeof(int64_t));
-    std::tie(lp, state) = gru_decode(byte, state, table, w_ih_t, b_ih, w_hh_t, b_hh, head_w_t, head_b);
+    std::tie(lp, state) = gru_decode(byte, state, table, w_ih_t, b_ih, w_hh_t, b_hh, head_w_t, head_b, blocked);
     ++k;
     if (S > 0) {
       seen.push_back(static_cast<uint8_t>(byte.const_data_ptr<int64_t>()[0]));
@@ -648,6 +706,7 @@ TORCH_LIBRARY(charlm, m) {
   m.def("gru_forward", &gru_forward);
   m.def("gru_backward", &gru_backward);
   m.def("gru_decode", &gru_decode);
+  m.def("gemv_layout", &gemv_layout);
   m.def("draw", &draw);
   m.def("gru_write", &gru_write);
   m.def("dropout_mask", &dropout_mask);

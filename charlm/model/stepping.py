@@ -45,8 +45,11 @@ class Stepper:
         on_cpu = self.table.device.type == "cpu" and self.table.dtype == torch.float32
         self.native = native.ops() if on_cpu else None
         if self.native is not None:
+            lay = self.native.gemv_layout  # the batch-1 matmuls read their weights in this order
+            blocked = [t for k in range(len(self.weights))
+                       for t in (lay(self.w_ih_t[k]) if k else self.table.new_empty(0), lay(self.w_hh_t[k]))]
             self.native_weights = (self.table, self.w_ih_t, self.b_ih, list(self.w_hh_t.contiguous()),
-                                   [b.view(-1) for b in self.b_hh], *self.head)
+                                   [b.view(-1) for b in self.b_hh], *self.head, blocked + [lay(self.head[0])])
 
     def __call__(self, byte: torch.Tensor, h: torch.Tensor, gates: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor, Optional[dict[str, Any]]]:
