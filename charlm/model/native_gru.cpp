@@ -195,15 +195,16 @@ inline void vstore(float* p, Vec v) { _mm256_storeu_ps(p, v); }
 
 // acc[i][c] = x[i] @ w[:, c] for R rows of x (K each, row stride xs) and one tile of weights,
 // C blocks of U columns laid out by for_tiles: (K, C, U) float32, or (K / 2, C, U, 2) bfloat16
-// (row pairs side by side, as vdpbf16ps multiplies them). float32 sums.
-template <int R, int C>
+// (row pairs side by side, as vdpbf16ps multiplies them). float32 sums. WS: how many columns a
+// row of the layout holds (C U in for_tiles'; decoding reads part of gemv_layout's kCols).
+template <int R, int C, int64_t WS = C * U>
 inline void tile(const float* x, int64_t xs, int64_t K, const float* w, float (*out)[C][U]) {
   Vec acc[R][C];
   for (int i = 0; i < R; ++i)
     for (int c = 0; c < C; ++c) acc[i][c] = vzero();
   for (int64_t k = 0; k < K; ++k) {
     Vec wv[C];
-    for (int c = 0; c < C; ++c) wv[c] = vload(w + (k * C + c) * U);
+    for (int c = 0; c < C; ++c) wv[c] = vload(w + k * WS + c * U);
     for (int i = 0; i < R; ++i) {
       const float a = x[i * xs + k];
       for (int c = 0; c < C; ++c) acc[i][c] = vfma(a, wv[c], acc[i][c]);
@@ -216,7 +217,7 @@ inline void tile(const float* x, int64_t xs, int64_t K, const float* w, float (*
 #ifdef CHARLM_ROWS_BF16
 inline __m512bh as_bh(__m512i v) { return reinterpret_cast<__m512bh&>(v); }
 
-template <int R, int C>
+template <int R, int C, int64_t WS = C * U>
 inline void tile(const at::BFloat16* x, int64_t xs, int64_t K, const at::BFloat16* w, float (*out)[C][U]) {
   __m512 acc[R][C];
   for (int i = 0; i < R; ++i)
@@ -224,7 +225,7 @@ inline void tile(const at::BFloat16* x, int64_t xs, int64_t K, const at::BFloat1
   const int32_t* xp = reinterpret_cast<const int32_t*>(x);  // x's pairs, one 32-bit word each
   for (int64_t k = 0; k < K / 2; ++k) {
     __m512bh wv[C];
-    for (int c = 0; c < C; ++c) wv[c] = as_bh(_mm512_loadu_si512(w + (k * C + c) * 2 * U));
+    for (int c = 0; c < C; ++c) wv[c] = as_bh(_mm512_loadu_si512(w + (k * WS + c * U) * 2));
     for (int i = 0; i < R; ++i) {
       const __m512bh a = as_bh(_mm512_set1_epi32(xp[i * xs / 2 + k]));
       for (int c = 0; c < C; ++c) acc[i][c] = _mm512_dpbf16_ps(acc[i][c], a, wv[c]);
@@ -236,19 +237,19 @@ inline void tile(const at::BFloat16* x, int64_t xs, int64_t K, const at::BFloat1
 #endif
 
 // tile for r rows, 1 <= r <= kRows: the row count a template parameter, so that the loops unroll.
-template <int C, typename M>
+template <int C, int64_t WS = C * U, typename M>
 void tile_rows(int r, const M* x, int64_t xs, int64_t K, const M* w, float (*out)[C][U]) {
   switch (r) {
 #ifdef __AVX512F__
-    case 8: return tile<8, C>(x, xs, K, w, out);
-    case 7: return tile<7, C>(x, xs, K, w, out);
-    case 6: return tile<6, C>(x, xs, K, w, out);
-    case 5: return tile<5, C>(x, xs, K, w, out);
-    case 4: return tile<4, C>(x, xs, K, w, out);
+    case 8: return tile<8, C, WS>(x, xs, K, w, out);
+    case 7: return tile<7, C, WS>(x, xs, K, w, out);
+    case 6: return tile<6, C, WS>(x, xs, K, w, out);
+    case 5: return tile<5, C, WS>(x, xs, K, w, out);
+    case 4: return tile<4, C, WS>(x, xs, K, w, out);
 #endif
-    case 3: return tile<3, C>(x, xs, K, w, out);
-    case 2: return tile<2, C>(x, xs, K, w, out);
-    default: return tile<1, C>(x, xs, K, w, out);
+    case 3: return tile<3, C, WS>(x, xs, K, w, out);
+    case 2: return tile<2, C, WS>(x, xs, K, w, out);
+    default: return tile<1, C, WS>(x, xs, K, w, out);
   }
 }
 
@@ -484,10 +485,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward(const Tensor& d_
   return {d_gi, d_gh, d_h0, d_b_ih, d_b_hh};
 }
 
-// Batch-1 decoding's matmuls, y (M) = b + x (K) @ w (K, M) in float32, bound by reading the weights:
-// the columns in blocks of kCols, laid out block after block (gemv_layout), so that a block's
-// kCols sums stay in registers over the whole of K while its weights are read in order.
+// Decoding's matmuls, y (N, M) = b + x (N, K) @ w (K, M) in float32, with the weights laid out
+// once (gemv_layout) in blocks of kCols columns, block after block. One row (batch-1 sampling) is
+// bound by reading the weights: a block's kCols sums stay in registers over the whole of K while
+// its weights are read in order. More rows go through the row path's micro-kernel, tiles of kRows
+// rows by 2U columns, where it is built; elsewhere the caller uses at::addmm.
 constexpr int64_t kCols = 64;
+#ifdef CHARLM_ROWS_F32
+constexpr bool kTiledDecode = true;
+#else
+constexpr bool kTiledDecode = false;
+#endif
 
 // w_t (K, M) float32 -> (ceil(M / kCols), K, kCols), the last block padded with zeros.
 Tensor gemv_layout(const Tensor& w_t) {
@@ -502,12 +510,44 @@ Tensor gemv_layout(const Tensor& w_t) {
 }
 
 struct Gemv {
-  const float* x;     // (K)
+  const float* x;     // (N, K)
   const Tensor* w;    // gemv_layout's (blocks, K, kCols)
   const float* bias;  // (M) or nullptr
-  float* y;           // (M)
-  int64_t M;
+  float* y;           // (N, M)
+  int64_t N, M;
 };
+
+// Columns [c0, c0 + kCols) of one job's y, from block w (K, kCols).
+void gemv_block(const Gemv& g, const float* w, int64_t K, int64_t c0) {
+  const int64_t n = std::min(kCols, g.M - c0);
+  if (g.N == 1) {
+    float acc[kCols] = {};
+    for (int64_t k = 0; k < K; ++k) {
+      const float xk = g.x[k];
+      const float* row = w + k * kCols;
+      for (int64_t c = 0; c < kCols; ++c) acc[c] += xk * row[c];
+    }
+    for (int64_t c = 0; c < n; ++c) g.y[c0 + c] = acc[c] + (g.bias ? g.bias[c0 + c] : 0.f);
+    return;
+  }
+#ifdef CHARLM_ROWS_F32
+  alignas(64) float acc[kRows][2][U];
+  for (int64_t s = 0; s < n; s += 2 * U) {  // 2U columns of the block, for every tile of rows
+    const int64_t width = std::min<int64_t>(2 * U, n - s);
+    for (int64_t r0 = 0; r0 < g.N; r0 += kRows) {
+      const int r = static_cast<int>(std::min<int64_t>(kRows, g.N - r0));
+      tile_rows<2, kCols>(r, g.x + r0 * K, K, K, w + s, acc);
+      for (int i = 0; i < r; ++i) {
+        const float* sums = acc[i][0];
+        float* y = g.y + (r0 + i) * g.M + c0 + s;
+        for (int64_t c = 0; c < width; ++c) y[c] = sums[c] + (g.bias ? g.bias[c0 + s + c] : 0.f);
+      }
+    }
+  }
+#else
+  TORCH_CHECK(false, "gemv: more than one row needs the row path's micro-kernel");
+#endif
+}
 
 // Every job's y, their column blocks shared among the threads in one parallel region.
 void gemv(const std::vector<Gemv>& jobs) {
@@ -515,22 +555,15 @@ void gemv(const std::vector<Gemv>& jobs) {
   int64_t work = 0;
   for (const Gemv& g : jobs) {
     first.push_back(first.back() + g.w->size(0));
-    work += g.w->numel();
+    work += g.w->numel() * g.N;
   }
   const int64_t blocks = first.back(), grain = std::max<int64_t>(1, blocks * (1 << 15) / std::max<int64_t>(1, work));
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const size_t j = std::upper_bound(first.begin(), first.end(), b) - first.begin() - 1;
       const Gemv& g = jobs[j];
-      const int64_t i = b - first[j], K = g.w->size(1), c0 = i * kCols, n = std::min(kCols, g.M - c0);
-      const float* w = g.w->const_data_ptr<float>() + i * K * kCols;
-      float acc[kCols] = {};
-      for (int64_t k = 0; k < K; ++k) {
-        const float xk = g.x[k];
-        const float* row = w + k * kCols;
-        for (int64_t c = 0; c < kCols; ++c) acc[c] += xk * row[c];
-      }
-      for (int64_t c = 0; c < n; ++c) g.y[c0 + c] = acc[c] + (g.bias ? g.bias[c0 + c] : 0.f);
+      const int64_t i = b - first[j], K = g.w->size(1);
+      gemv_block(g, g.w->const_data_ptr<float>() + i * K * kCols, K, i * kCols);
     }
   });
 }
@@ -538,8 +571,9 @@ void gemv(const std::vector<Gemv>& jobs) {
 // One step of the stacked GRU and the output layer, float32: byte (N,) and h (L, N, H) ->
 // log-probabilities of the next byte (N, V) and the new state (L, N, H). table (V, 3H) is the
 // embedding folded into layer 0's input projection; w_ih_t, w_hh_t are transposed (in, 3H), for
-// N > 1; `blocked`, for N = 1, holds the same weights in gemv_layout's order: layer k's input
-// projection (empty for layer 0) and recurrent weights, for each layer in turn, then the head's.
+// at::addmm where gemv cannot take more than one row; `blocked` holds the same weights in
+// gemv_layout's order: layer k's input projection (empty for layer 0) and recurrent weights, for
+// each layer in turn, then the head's.
 std::tuple<Tensor, Tensor> gru_decode(const Tensor& byte, const Tensor& h, const Tensor& table,
                                       const std::vector<Tensor>& w_ih_t, const std::vector<Tensor>& b_ih,
                                       const std::vector<Tensor>& w_hh_t, const std::vector<Tensor>& b_hh,
@@ -548,15 +582,15 @@ std::tuple<Tensor, Tensor> gru_decode(const Tensor& byte, const Tensor& h, const
   const int64_t L = h.size(0), N = h.size(1), H = h.size(2), V = head_b.size(0);
   TORCH_CHECK(h.scalar_type() == at::kFloat && h.is_contiguous(), "gru_decode: h float32, contiguous");
   TORCH_CHECK(static_cast<int64_t>(blocked.size()) == 2 * L + 1, "gru_decode: blocked needs 2 L + 1 tensors");
-  const bool one = N == 1;
+  const bool own = N == 1 || kTiledDecode;  // gemv, not at::mm
   Tensor h_new = at::empty_like(h);
   Tensor rz = at::empty({N, 2 * H}, h.options()), n = at::empty({N, H}, h.options()), g = at::empty({N, H}, h.options());
   // every layer's recurrent matmul needs only the state read in: for one row, all in one region
   Tensor gh_all = at::empty({L, N, 3 * H}, h.options());
-  if (one) {
+  if (own) {
     std::vector<Gemv> jobs;
     for (int64_t k = 0; k < L; ++k)
-      jobs.push_back({h[k].const_data_ptr<float>(), &blocked[2 * k + 1], nullptr, gh_all[k].data_ptr<float>(), 3 * H});
+      jobs.push_back({h[k].const_data_ptr<float>(), &blocked[2 * k + 1], nullptr, gh_all[k].data_ptr<float>(), N, 3 * H});
     gemv(jobs);
   } else {
     for (int64_t k = 0; k < L; ++k) {
@@ -569,9 +603,9 @@ std::tuple<Tensor, Tensor> gru_decode(const Tensor& byte, const Tensor& h, const
     Tensor gi;
     if (k == 0) {
       gi = table.index_select(0, byte);
-    } else if (one) {
-      gi = at::empty({1, 3 * H}, h.options());
-      gemv({{x.const_data_ptr<float>(), &blocked[2 * k], b_ih[k].const_data_ptr<float>(), gi.data_ptr<float>(), 3 * H}});
+    } else if (own) {
+      gi = at::empty({N, 3 * H}, h.options());
+      gemv({{x.const_data_ptr<float>(), &blocked[2 * k], b_ih[k].const_data_ptr<float>(), gi.data_ptr<float>(), N, 3 * H}});
     } else {
       gi = at::addmm(b_ih[k], x, w_ih_t[k]);
     }
@@ -582,9 +616,9 @@ std::tuple<Tensor, Tensor> gru_decode(const Tensor& byte, const Tensor& h, const
     x = out;
   }
   Tensor logits;
-  if (one) {
-    logits = at::empty({1, V}, h.options());
-    gemv({{x.const_data_ptr<float>(), &blocked[2 * L], head_b.const_data_ptr<float>(), logits.data_ptr<float>(), V}});
+  if (own) {
+    logits = at::empty({N, V}, h.options());
+    gemv({{x.const_data_ptr<float>(), &blocked[2 * L], head_b.const_data_ptr<float>(), logits.data_ptr<float>(), N, V}});
   } else {
     logits = at::addmm(head_b, x, head_w_t);
   }
