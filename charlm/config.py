@@ -226,6 +226,9 @@ class SampleConfig:
     seed: Optional[int] = setting(None, "the same seed gives the same text", shown="random, printed")
     num_samples: int = setting(1, "write several samples at once (a batch)")
     device: str = setting("cpu", "`cpu`, `cuda`, `cuda:N` or `auto`; a model trained on a GPU samples on the CPU")
+    precision: str = setting(
+        "fp32", "each new byte's matmuls in `fp32` or `bf16` (faster, and different samples; see"
+        " [sampling](sampling.md#precision))")
     explain: bool = setting(
         False, "per byte: top 5 candidates and every layer's gates (see [the GRU](gru.md#explain-mode))")
     explain_format: str = setting("text", "`text` or `json`")
@@ -235,8 +238,11 @@ class SampleConfig:
 
     def __post_init__(self) -> None:
         check_choice(self.explain_format, "explain_format", ("text", "json"))
+        check_choice(self.precision, "precision", ("fp32", "bf16"))
         if self.explain and self.num_samples != 1:
             raise CharlmError("explain=true explains one sample; leave num_samples at 1")
+        if self.explain and self.precision != "fp32":
+            raise CharlmError("explain=true shows the float32 gates; leave precision at fp32")
         if self.interactive and (self.explain or self.num_samples != 1):
             raise CharlmError("interactive=true writes one text; leave explain=false and num_samples at 1")
         if self.length < 0:

@@ -146,6 +146,28 @@ def test_native_decoding_step_equals_the_pytorch_step(batch, monkeypatch):
 
 
 @needs_native
+@pytest.mark.parametrize("batch,d_model", [(1, 48), (1, 256), (64, 48), (3, 33)])
+def test_bf16_decoding_rounds_only_the_matmuls(batch, d_model):
+    """precision="bf16": the kernels' step equals PyTorch's step on the same bf16-rounded weights and
+    inputs with float32 sums (to float rounding), and differs from float32's only by that rounding."""
+    torch.manual_seed(0)
+    m = CharLM(ModelConfig(d_model=d_model, n_layers=2)).eval()
+    fast, plain, fp32 = Stepper(m, "bf16"), Stepper(m, "bf16"), Stepper(m)
+    plain.native = None
+    assert fast.native_weights[3][0].dtype == torch.bfloat16  # the kernels were handed bf16 weights
+    byte, h = torch.randint(0, 256, (batch,)), torch.randn(2, batch, d_model) * 0.5
+    with torch.no_grad():
+        for _ in range(3):
+            lp_fast, h_fast, _ = fast(byte, h)
+            lp_plain, h_plain, _ = plain(byte, h)
+            torch.testing.assert_close(lp_fast, lp_plain, atol=2e-4, rtol=1e-4)
+            torch.testing.assert_close(h_fast, h_plain, atol=2e-5, rtol=1e-5)
+            err = (lp_fast - fp32(byte, h)[0]).abs().max().item()
+            assert 1e-5 < err < 0.03  # rounded to bf16, and only that
+            byte, h = lp_plain.argmax(-1), h_plain
+
+
+@needs_native
 def test_native_draw_picks_what_the_pytorch_draw_picks(monkeypatch):
     """Same generator, same numbers: the same bytes (temperature applied, zero-probability bytes never)."""
     g = torch.Generator().manual_seed(0)
@@ -162,12 +184,12 @@ def test_native_draw_picks_what_the_pytorch_draw_picks(monkeypatch):
 
 
 @needs_native
-@pytest.mark.parametrize("batch", [1, 3])
-def test_writing_bytes_in_one_kernel_call_gives_what_the_loop_gives(batch):
+@pytest.mark.parametrize("batch,precision", [(1, "fp32"), (3, "fp32"), (1, "bf16"), (3, "bf16")])
+def test_writing_bytes_in_one_kernel_call_gives_what_the_loop_gives(batch, precision):
     """Stepper.write: the same bytes, log-probabilities, state and generator state as drawing and
     stepping byte by byte."""
     torch.manual_seed(0)
-    step = Stepper(CharLM(ModelConfig(d_model=48, n_layers=2)).eval())
+    step = Stepper(CharLM(ModelConfig(d_model=48, n_layers=2)).eval(), precision)
     h = torch.randn(2, batch, 48)
     log_probs = torch.log_softmax(torch.randn(batch, 256), dim=-1)
     g_loop, g_once = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)

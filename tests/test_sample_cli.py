@@ -34,6 +34,20 @@ def test_same_seed_same_text(workdir):
     assert a == b and a != c
 
 
+def test_bf16_sampling_is_its_own_repeatable_text(workdir):
+    """precision=bf16: the same seed gives the same text, the header says bf16, and the text is
+    the Python API's with the same precision."""
+    args = ("prompt=the", "length=60", "seed=3", "temperature=1.0", "precision=bf16")
+    a, b = (run_cli("sample.py", *args, cwd=workdir) for _ in range(2))
+    assert a.stdout == b.stdout and "bf16" in a.stderr
+    import torch
+
+    g = torch.Generator().manual_seed(3)
+    api = sample_text(load_model(workdir / "runs/text/first"), "the", 60, temperature=1.0, generator=g,
+                      precision="bf16")[0]
+    assert a.stdout == api + "\n"
+
+
 def greedy_continuation(run_dir, prompt: str, length: int) -> str:
     """What the Python API writes after prompt, greedily: the bytes sample.py must print."""
     return sample_text(load_model(run_dir), prompt, length, temperature=0)[0][len(prompt):]
@@ -62,9 +76,10 @@ def test_no_trained_model_says_what_to_run(tmp_path):
 
 
 @pytest.mark.parametrize("arg,word", [("length=-1", "length"), ("temperature=-1", "temperature"),
-                                      ("top_k=0", "top_k"), ("top_k=300", "top_k")])
+                                      ("top_k=0", "top_k"), ("top_k=300", "top_k"),
+                                      ("precision=fp16", "precision"), ("precision=bf16 explain=true", "precision")])
 def test_bad_values_get_one_line(workdir, arg, word):
-    proc = run_cli("sample.py", arg, cwd=workdir, check=False)
+    proc = run_cli("sample.py", *arg.split(), cwd=workdir, check=False)
     assert proc.returncode == 1 and word in proc.stderr and "Traceback" not in proc.stderr
 
 

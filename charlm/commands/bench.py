@@ -208,9 +208,10 @@ def _of_peak(flops: float, peaks: dict[str, float], precision: str) -> str:
 
 
 def bench_sampling(args: BenchConfig, device: torch.device, peak: Peak) -> Iterator[str]:
-    peaks = {"fp32": peak.best("fp32")}
+    peaks = {"fp32": peak.best("fp32"), "bf16": peak.best("bf16")}
     yield (f"sampling: bytes/s at temperature 0.8, state carried (one step per byte), median of {args.sample_reps};"
-           f" decoding on the CPU: {native.status()}; fp32 peak {peaks['fp32']:.0f} GFLOP/s, best of 5 before it")
+           f" decoding on the CPU: {native.status()}; peaks fp32 {peaks['fp32']:.0f}, bf16 {peaks['bf16']:.0f}"
+           " GFLOP/s, best of 5 before it; bf16: sample.py precision=bf16")
     widths = sorted({d for _, d, _, _, _ in _rows(args) if d >= 256} or {args.d_model})
     for d_model in widths:
         torch.manual_seed(0)
@@ -218,20 +219,21 @@ def bench_sampling(args: BenchConfig, device: torch.device, peak: Peak) -> Itera
         # per byte: every matmul but layer 0's input projection, which is a table read
         flop = 2 * sum(p.numel() for n, p in model.named_parameters()
                        if p.dim() == 2 and not n.startswith(("embed", "gru.weight_ih_l0")))
-        for n in (1, 64):
+        for n, precision in ((1, "fp32"), (1, "bf16"), (64, "fp32"), (64, "bf16")):
             times = {}
             for length in (500, 2000):
                 g = torch.Generator(device=device).manual_seed(0)
-                def run(length=length, n=n, g=g) -> list:
-                    return [b.cpu() for b in generate(model, b"t", length, 0.8, num_samples=n, generator=g)]
+                def run(length=length, n=n, g=g, precision=precision) -> list:
+                    return [b.cpu() for b in generate(model, b"t", length, 0.8, num_samples=n, generator=g,
+                                                      precision=precision)]
 
                 run()  # warm up
                 times[length] = sorted(_time(run, device) for _ in range(args.sample_reps))
             med = statistics.median(times[2000])
             rate = n * 2000 / med
             ratio = med / statistics.median(times[500])
-            yield (f"  {d_model} x {args.n_layers}, batch {n:<3} {rate:>10,.0f} bytes/s "
-                   f"{_of_peak(rate * flop, peaks, 'fp32')}  (2,000 vs 500 bytes cost {ratio:.2f}x, linear is 4)")
+            yield (f"  {d_model} x {args.n_layers}, batch {n:<3} {precision} {rate:>10,.0f} bytes/s "
+                   f"{_of_peak(rate * flop, peaks, precision)}  (2,000 vs 500 bytes cost {ratio:.2f}x, linear is 4)")
 
 
 def main(argv: list[str]) -> int:

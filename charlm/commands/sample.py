@@ -55,13 +55,14 @@ def sample(cfg: SampleConfig) -> None:
     prompt = read_prompt(cfg)
     seed = cfg.seed if cfg.seed is not None else random.randrange(2**31)
     generator = torch.Generator(device=device).manual_seed(seed)
-    print(f"[{path} | {held(state)} | "
-          f"temperature {cfg.temperature} | seed {seed}]", file=sys.stderr)
+    bf16 = " | bf16 matmuls" if cfg.precision == "bf16" else ""
+    print(f"[{path} | {held(state)} | temperature {cfg.temperature} | seed {seed}{bf16}]", file=sys.stderr)
     if cfg.explain:
         return _explain(model, prompt, cfg, generator)
     if cfg.interactive:
         return _interactive(model, prompt, cfg, generator)
-    kwargs = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, stop=cfg.stop, generator=generator)
+    kwargs = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, stop=cfg.stop, generator=generator,
+                  precision=cfg.precision)
     if cfg.num_samples == 1:
         sys.stdout.write(prompt)
         for piece in stream_text(model, prompt, cfg.length, **kwargs):
@@ -84,7 +85,7 @@ def _interactive(model: Any, prompt: str, cfg: SampleConfig, generator: Any) -> 
     from charlm.inference.sampling import Conversation
 
     terminal = sys.stdin.isatty()
-    talk = Conversation(model, cfg.temperature, cfg.top_k, cfg.top_p, generator)
+    talk = Conversation(model, cfg.temperature, cfg.top_k, cfg.top_p, generator, cfg.precision)
 
     def turn(text: str) -> None:
         talk.read(text.encode("utf-8"))

@@ -67,12 +67,14 @@ def generate(
     num_samples: int = 1,
     generator: Optional[torch.Generator] = None,
     top_p: Optional[float] = None,
+    precision: str = "fp32",
 ) -> Iterator[torch.Tensor]:
     """Yield `length` new bytes, one (num_samples,) tensor per step, continuing prompt.
 
     The prompt is read once, after the start byte; then each new byte costs one GRU step with
     the hidden state carried (never a re-run of the whole sequence), and the bytes stay on the
-    model's device until the caller reads them.
+    model's device until the caller reads them. precision="bf16" takes those steps with the
+    matmuls in bfloat16 (Stepper); the prompt is read in float32 either way.
     """
     device = next(model.parameters()).device
     was_training = model.training
@@ -83,7 +85,7 @@ def generate(
         context = torch.tensor([START_BYTE, *prompt], dtype=torch.long, device=device)
         log_probs, h = model(context.unsqueeze(0).expand(num_samples, -1))  # the prompt, once
         log_probs = log_probs[:, -1]
-        step = Stepper(model)
+        step = Stepper(model, precision)
         if step.can_write(temperature, top_k, top_p):  # WRITE_CHUNK bytes a kernel call
             for start in range(0, length, WRITE_CHUNK):
                 chunk, log_probs, h = step.write(log_probs, h, temperature, min(WRITE_CHUNK, length - start), generator)
@@ -126,7 +128,7 @@ def stream_text(model: CharLM, prompt: str, length: int, stop: str = "", **kwarg
     """Pieces of text for one sample as they are generated (partial UTF-8 held back).
 
     With `stop`, the text ends just after the first occurrence of stop in the new text. kwargs:
-    temperature, top_k, top_p, generator.
+    temperature, top_k, top_p, generator, precision.
     """
     was_training = model.training
     try:
@@ -143,11 +145,12 @@ class Conversation:
     across both, so the turns are one text. The first read starts from the start byte."""
 
     def __init__(self, model: CharLM, temperature: float = 0.8, top_k: Optional[int] = None,
-                 top_p: Optional[float] = None, generator: Optional[torch.Generator] = None):
+                 top_p: Optional[float] = None, generator: Optional[torch.Generator] = None,
+                 precision: str = "fp32"):
         self.model = model.eval()
         self.device = next(model.parameters()).device
         self.temperature, self.top_k, self.top_p, self.generator = temperature, top_k, top_p, generator
-        self.stepper = Stepper(model)
+        self.stepper = Stepper(model, precision)
         self.h: Optional[torch.Tensor] = None  # None: nothing read yet
         self.log_probs = torch.empty(0)
 

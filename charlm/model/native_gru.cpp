@@ -25,18 +25,26 @@
 #include <cstring>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 // The row path: the recurrent matmuls by charlm's own micro-kernels, so that each thread runs the
 // whole time loop for its own rows of the batch, with no hand-over between threads a step. float32
 // with AVX-512 or AVX2 and FMA; bfloat16 with AVX-512 BF16's pair dot product (vdpbf16ps), where
-// the CPU has no AMX (there oneDNN's at::mm, which uses AMX, does the bfloat16 matmuls).
+// the CPU has no AMX (there oneDNN's at::mm, which uses AMX, does the bfloat16 matmuls; decoding
+// still uses the pair products).
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #define CHARLM_ROWS_F32 1
 #endif
-#if defined(__AVX512BF16__) && defined(__AVX512F__) && !defined(__AMX_BF16__)
-#define CHARLM_ROWS_BF16 1
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#define CHARLM_PAIRS_BF16 1  // the bfloat16 micro-kernel is built
+constexpr bool kBf16Tiles = true;
+#else
+constexpr bool kBf16Tiles = false;
+#endif
+#if defined(CHARLM_PAIRS_BF16) && !defined(__AMX_BF16__)
+#define CHARLM_ROWS_BF16 1  // and the training loops use it
 #endif
 
 using at::Tensor;
@@ -214,7 +222,7 @@ inline void tile(const float* x, int64_t xs, int64_t K, const float* w, float (*
     for (int c = 0; c < C; ++c) vstore(out[i][c], acc[i][c]);
 }
 
-#ifdef CHARLM_ROWS_BF16
+#ifdef CHARLM_PAIRS_BF16
 inline __m512bh as_bh(__m512i v) { return reinterpret_cast<__m512bh&>(v); }
 
 template <int R, int C, int64_t WS = C * U>
@@ -485,68 +493,126 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward(const Tensor& d_
   return {d_gi, d_gh, d_h0, d_b_ih, d_b_hh};
 }
 
-// Decoding's matmuls, y (N, M) = b + x (N, K) @ w (K, M) in float32, with the weights laid out
+// Decoding's matmuls, y (N, M) = b + x (N, K) @ w (K, M), float32 sums, with the weights laid out
 // once (gemv_layout) in blocks of kCols columns, block after block. One row (batch-1 sampling) is
 // bound by reading the weights: a block's kCols sums stay in registers over the whole of K while
 // its weights are read in order. More rows go through the row path's micro-kernel, tiles of kRows
-// rows by 2U columns, where it is built; elsewhere the caller uses at::addmm.
+// rows by 2U columns, where it is built for the dtype; elsewhere at::mm in float32, and row by row
+// in bfloat16. The weights and x are float32, or bfloat16 (sample.py precision=bf16: both rounded
+// to it, the sums still float32).
 constexpr int64_t kCols = 64;
-#ifdef CHARLM_ROWS_F32
-constexpr bool kTiledDecode = true;
-#else
-constexpr bool kTiledDecode = false;
-#endif
 
-// w_t (K, M) float32 -> (ceil(M / kCols), K, kCols), the last block padded with zeros.
+inline float f32_bits(uint32_t bits) {
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+inline float bf16_bits(uint16_t u) { return f32_bits(static_cast<uint32_t>(u) << 16); }
+
+// Whether gemv takes more than one row in this dtype: float32 by the micro-kernel where it is
+// built (else at::mm, float32 as well); bfloat16 always (at::mm would round its sums to bfloat16).
+bool gemv_rows(at::ScalarType type) {
+#ifdef CHARLM_ROWS_F32
+  if (type == at::kFloat) return true;
+#endif
+  return type == at::kBFloat16;
+}
+
+// w_t (K, M), float32 -> (ceil(M / kCols), K, kCols); bfloat16 -> (ceil(M / kCols), ceil(K / 2),
+// kCols, 2), pairs of rows side by side as vdpbf16ps reads them. Padded with zeros.
 Tensor gemv_layout(const Tensor& w_t) {
-  TORCH_CHECK(w_t.dim() == 2 && w_t.scalar_type() == at::kFloat, "gemv_layout: w_t (K, M) float32");
-  const int64_t K = w_t.size(0), M = w_t.size(1), blocks = (M + kCols - 1) / kCols;
+  TORCH_CHECK(w_t.dim() == 2 && (w_t.scalar_type() == at::kFloat || w_t.scalar_type() == at::kBFloat16),
+              "gemv_layout: w_t (K, M), float32 or bfloat16");
+  const int64_t pair = w_t.scalar_type() == at::kBFloat16 ? 2 : 1;
+  const int64_t K = w_t.size(0), M = w_t.size(1), blocks = (M + kCols - 1) / kCols, Kp = (K + pair - 1) / pair * pair;
   Tensor padded = w_t;
-  if (M % kCols != 0) {
-    padded = at::zeros({K, blocks * kCols}, w_t.options());
-    padded.narrow(1, 0, M).copy_(w_t);
+  if (M % kCols != 0 || Kp != K) {
+    padded = at::zeros({Kp, blocks * kCols}, w_t.options());
+    padded.narrow(0, 0, K).narrow(1, 0, M).copy_(w_t);
   }
-  return padded.reshape({K, blocks, kCols}).permute({1, 0, 2}).contiguous();
+  if (pair == 1) return padded.reshape({K, blocks, kCols}).permute({1, 0, 2}).contiguous();
+  return padded.reshape({Kp / 2, 2, blocks, kCols}).permute({2, 0, 3, 1}).contiguous();
 }
 
 struct Gemv {
-  const float* x;     // (N, K)
-  const Tensor* w;    // gemv_layout's (blocks, K, kCols)
+  const void* x;      // (N, xs): float32, or bfloat16 with K padded to even
+  int64_t xs;
+  const Tensor* w;    // gemv_layout's blocks
   const float* bias;  // (M) or nullptr
   float* y;           // (N, M)
   int64_t N, M;
 };
 
-// Columns [c0, c0 + kCols) of one job's y, from block w (K, kCols).
-void gemv_block(const Gemv& g, const float* w, int64_t K, int64_t c0) {
-  const int64_t n = std::min(kCols, g.M - c0);
-  if (g.N == 1) {
-    float acc[kCols] = {};
-    for (int64_t k = 0; k < K; ++k) {
-      const float xk = g.x[k];
-      const float* row = w + k * kCols;
-      for (int64_t c = 0; c < kCols; ++c) acc[c] += xk * row[c];
-    }
-    for (int64_t c = 0; c < n; ++c) g.y[c0 + c] = acc[c] + (g.bias ? g.bias[c0 + c] : 0.f);
-    return;
+// acc (kCols) = one row x (K) @ block w (K rows of kCols, or K / 2 pairs of rows), float32 sums.
+inline void row_block(const float* x, const float* w, int64_t K, float* acc) {
+  for (int64_t k = 0; k < K; ++k) {
+    const float xk = x[k];
+    const float* row = w + k * kCols;
+    for (int64_t c = 0; c < kCols; ++c) acc[c] += xk * row[c];
   }
+}
+inline void row_block(const at::BFloat16* x, const at::BFloat16* w, int64_t K, float* acc) {
+#ifdef CHARLM_PAIRS_BF16
+  alignas(64) float sums[1][kCols / U][U];
+  tile<1, kCols / U, kCols>(x, K, K, w, sums);
+  std::memcpy(acc, sums, sizeof sums);
+#else
+  // each 32-bit word holds one column's pair of weights, rows k (low half) and k + 1 (high half)
+  const uint16_t* xb = reinterpret_cast<const uint16_t*>(x);
+  const uint32_t* words = reinterpret_cast<const uint32_t*>(w);
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 sums[kCols / 8];
+  for (int64_t c = 0; c < kCols / 8; ++c) sums[c] = _mm256_setzero_ps();
+  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
+  for (int64_t k = 0; k < K; k += 2) {
+    const __m256 x0 = _mm256_set1_ps(bf16_bits(xb[k])), x1 = _mm256_set1_ps(bf16_bits(xb[k + 1]));
+    const uint32_t* row = words + (k / 2) * kCols;
+    for (int64_t c = 0; c < kCols / 8; ++c) {
+      const __m256i u = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 8 * c));
+      sums[c] = _mm256_fmadd_ps(x0, _mm256_castsi256_ps(_mm256_slli_epi32(u, 16)), sums[c]);
+      sums[c] = _mm256_fmadd_ps(x1, _mm256_castsi256_ps(_mm256_and_si256(u, high)), sums[c]);
+    }
+  }
+  for (int64_t c = 0; c < kCols / 8; ++c) _mm256_storeu_ps(acc + 8 * c, sums[c]);
+#else
+  for (int64_t k = 0; k < K; k += 2) {
+    const float x0 = bf16_bits(xb[k]), x1 = bf16_bits(xb[k + 1]);
+    const uint32_t* row = words + (k / 2) * kCols;
+    for (int64_t c = 0; c < kCols; ++c) acc[c] += x0 * f32_bits(row[c] << 16) + x1 * f32_bits(row[c] & 0xffff0000u);
+  }
+#endif
+#endif
+}
+
+// Columns [c0, c0 + kCols) of one job's y, from block w.
+template <typename E>
+void gemv_block(const Gemv& g, const E* w, int64_t K, int64_t c0) {
+  const int64_t n = std::min(kCols, g.M - c0);
+  const E* x = static_cast<const E*>(g.x);
+  auto store = [&](int64_t row, int64_t from, int64_t width, const float* sums) {
+    float* y = g.y + row * g.M + c0 + from;
+    for (int64_t c = 0; c < width; ++c) y[c] = sums[c] + (g.bias ? g.bias[c0 + from + c] : 0.f);
+  };
 #ifdef CHARLM_ROWS_F32
-  alignas(64) float acc[kRows][2][U];
-  for (int64_t s = 0; s < n; s += 2 * U) {  // 2U columns of the block, for every tile of rows
-    const int64_t width = std::min<int64_t>(2 * U, n - s);
-    for (int64_t r0 = 0; r0 < g.N; r0 += kRows) {
-      const int r = static_cast<int>(std::min<int64_t>(kRows, g.N - r0));
-      tile_rows<2, kCols>(r, g.x + r0 * K, K, K, w + s, acc);
-      for (int i = 0; i < r; ++i) {
-        const float* sums = acc[i][0];
-        float* y = g.y + (r0 + i) * g.M + c0 + s;
-        for (int64_t c = 0; c < width; ++c) y[c] = sums[c] + (g.bias ? g.bias[c0 + s + c] : 0.f);
+  if (g.N > 1 && (std::is_same_v<E, float> || kBf16Tiles)) {
+    constexpr int64_t pair = std::is_same_v<E, float> ? 1 : 2;
+    alignas(64) float acc[kRows][2][U];
+    for (int64_t s = 0; s < n; s += 2 * U) {  // 2U columns of the block, for every tile of rows
+      for (int64_t r0 = 0; r0 < g.N; r0 += kRows) {
+        const int r = static_cast<int>(std::min<int64_t>(kRows, g.N - r0));
+        if constexpr (std::is_same_v<E, float> || kBf16Tiles)
+          tile_rows<2, kCols>(r, x + r0 * g.xs, g.xs, K, w + s * pair, acc);
+        for (int i = 0; i < r; ++i) store(r0 + i, s, std::min<int64_t>(2 * U, n - s), acc[i][0]);
       }
     }
+    return;
   }
-#else
-  TORCH_CHECK(false, "gemv: more than one row needs the row path's micro-kernel");
 #endif
+  for (int64_t row = 0; row < g.N; ++row) {  // one row, or bfloat16 without the pair products
+    alignas(64) float acc[kCols] = {};
+    row_block(x + row * g.xs, w, K, acc);
+    store(row, 0, n, acc);
+  }
 }
 
 // Every job's y, their column blocks shared among the threads in one parallel region.
@@ -562,18 +628,58 @@ void gemv(const std::vector<Gemv>& jobs) {
     for (int64_t b = b0; b < b1; ++b) {
       const size_t j = std::upper_bound(first.begin(), first.end(), b) - first.begin() - 1;
       const Gemv& g = jobs[j];
-      const int64_t i = b - first[j], K = g.w->size(1);
-      gemv_block(g, g.w->const_data_ptr<float>() + i * K * kCols, K, i * kCols);
+      const int64_t i = b - first[j], K = g.w->size(1) * (g.w->dim() == 4 ? 2 : 1);
+      if (g.w->scalar_type() == at::kFloat)
+        gemv_block(g, g.w->const_data_ptr<float>() + i * K * kCols, K, i * kCols);
+      else
+        gemv_block(g, g.w->const_data_ptr<at::BFloat16>() + i * K * kCols, K, i * kCols);
     }
   });
 }
 
-// One step of the stacked GRU and the output layer, float32: byte (N,) and h (L, N, H) ->
-// log-probabilities of the next byte (N, V) and the new state (L, N, H). table (V, 3H) is the
-// embedding folded into layer 0's input projection; w_ih_t, w_hh_t are transposed (in, 3H), for
-// at::addmm where gemv cannot take more than one row; `blocked` holds the same weights in
-// gemv_layout's order: layer k's input projection (empty for layer 0) and recurrent weights, for
-// each layer in turn, then the head's.
+// One of decoding's matmuls: y (N, M) float32 = x (N, K) float32 @ w (+ bias), w as gemv_layout's
+// blocks and as w_t (K, M), in the decoding dtype.
+struct Product {
+  Tensor x;
+  const Tensor* blocked;
+  const Tensor* w_t;
+  const Tensor* bias;
+  Tensor y;
+};
+
+// All of them, in one parallel region where gemv takes them.
+void products(const std::vector<Product>& ps) {
+  const at::ScalarType type = ps[0].blocked->scalar_type();
+  const int64_t N = ps[0].x.size(0);
+  if (N == 1 || gemv_rows(type)) {
+    std::vector<Tensor> keep;  // the bfloat16 copies of x
+    std::vector<Gemv> jobs;
+    for (const Product& p : ps) {
+      Tensor x = p.x;
+      if (type == at::kBFloat16) {
+        const int64_t K = x.size(1);
+        x = at::constant_pad_nd(x.to(at::kBFloat16), {0, K % 2}).contiguous();
+        keep.push_back(x);
+      }
+      jobs.push_back({x.const_data_ptr(), x.size(1), p.blocked, p.bias ? p.bias->const_data_ptr<float>() : nullptr,
+                      p.y.data_ptr<float>(), N, p.y.size(1)});
+    }
+    gemv(jobs);
+    return;
+  }
+  for (const Product& p : ps) {
+    Tensor y = p.y;
+    if (p.bias) at::addmm_out(y, *p.bias, p.x, *p.w_t);
+    else at::mm_out(y, p.x, *p.w_t);
+  }
+}
+
+// One step of the stacked GRU and the output layer: byte (N,) and h (L, N, H) float32 ->
+// log-probabilities of the next byte (N, V) and the new state (L, N, H), float32. table (V, 3H) is
+// the embedding folded into layer 0's input projection (float32); w_ih_t, w_hh_t are transposed
+// (in, 3H), and `blocked` holds the same weights in gemv_layout's order: layer k's input
+// projection (empty for layer 0) and recurrent weights, for each layer in turn, then the head's.
+// The matmuls run in the dtype of w_hh_t (float32 or bfloat16), the gates in float32.
 std::tuple<Tensor, Tensor> gru_decode(const Tensor& byte, const Tensor& h, const Tensor& table,
                                       const std::vector<Tensor>& w_ih_t, const std::vector<Tensor>& b_ih,
                                       const std::vector<Tensor>& w_hh_t, const std::vector<Tensor>& b_hh,
@@ -582,46 +688,32 @@ std::tuple<Tensor, Tensor> gru_decode(const Tensor& byte, const Tensor& h, const
   const int64_t L = h.size(0), N = h.size(1), H = h.size(2), V = head_b.size(0);
   TORCH_CHECK(h.scalar_type() == at::kFloat && h.is_contiguous(), "gru_decode: h float32, contiguous");
   TORCH_CHECK(static_cast<int64_t>(blocked.size()) == 2 * L + 1, "gru_decode: blocked needs 2 L + 1 tensors");
-  const bool own = N == 1 || kTiledDecode;  // gemv, not at::mm
   Tensor h_new = at::empty_like(h);
   Tensor rz = at::empty({N, 2 * H}, h.options()), n = at::empty({N, H}, h.options()), g = at::empty({N, H}, h.options());
-  // every layer's recurrent matmul needs only the state read in: for one row, all in one region
+  // every layer's recurrent matmul needs only the state read in: all in one region
   Tensor gh_all = at::empty({L, N, 3 * H}, h.options());
-  if (own) {
-    std::vector<Gemv> jobs;
-    for (int64_t k = 0; k < L; ++k)
-      jobs.push_back({h[k].const_data_ptr<float>(), &blocked[2 * k + 1], nullptr, gh_all[k].data_ptr<float>(), N, 3 * H});
-    gemv(jobs);
-  } else {
-    for (int64_t k = 0; k < L; ++k) {
-      Tensor gh = gh_all[k];
-      at::mm_out(gh, h[k], w_hh_t[k]);
-    }
-  }
+  std::vector<Product> recurrent;
+  for (int64_t k = 0; k < L; ++k) recurrent.push_back({h[k], &blocked[2 * k + 1], &w_hh_t[k], nullptr, gh_all[k]});
+  products(recurrent);
   Tensor x;
   for (int64_t k = 0; k < L; ++k) {
     Tensor gi;
     if (k == 0) {
       gi = table.index_select(0, byte);
-    } else if (own) {
-      gi = at::empty({N, 3 * H}, h.options());
-      gemv({{x.const_data_ptr<float>(), &blocked[2 * k], b_ih[k].const_data_ptr<float>(), gi.data_ptr<float>(), N, 3 * H}});
     } else {
-      gi = at::addmm(b_ih[k], x, w_ih_t[k]);
+      gi = at::empty({N, 3 * H}, h.options());
+      products({{x, &blocked[2 * k], &w_ih_t[k], &b_ih[k], gi}});
     }
     Tensor out = h_new[k];
-    forward_step<float>(0, N, H, gi.const_data_ptr<float>(), gh_all[k].const_data_ptr<float>(),
-                        b_hh[k].const_data_ptr<float>(), h[k].const_data_ptr<float>(), rz.data_ptr<float>(),
-                        n.data_ptr<float>(), g.data_ptr<float>(), out.data_ptr<float>(), out.data_ptr<float>());
+    over_rows(N, 3 * H, [&](int64_t b0, int64_t b1) {
+      forward_step<float>(b0, b1, H, gi.const_data_ptr<float>(), gh_all[k].const_data_ptr<float>(),
+                          b_hh[k].const_data_ptr<float>(), h[k].const_data_ptr<float>(), rz.data_ptr<float>(),
+                          n.data_ptr<float>(), g.data_ptr<float>(), out.data_ptr<float>(), out.data_ptr<float>());
+    });
     x = out;
   }
-  Tensor logits;
-  if (own) {
-    logits = at::empty({N, V}, h.options());
-    gemv({{x.const_data_ptr<float>(), &blocked[2 * L], head_b.const_data_ptr<float>(), logits.data_ptr<float>(), N, V}});
-  } else {
-    logits = at::addmm(head_b, x, head_w_t);
-  }
+  Tensor logits = at::empty({N, V}, h.options());
+  products({{x, &blocked[2 * L], &head_w_t, &head_b, logits}});
   return {at::log_softmax(logits, -1), h_new};
 }
 

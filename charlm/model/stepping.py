@@ -20,36 +20,46 @@ class Stepper:
     read by byte, weights are transposed once, and nothing is allocated for a time axis; the
     reset-before cell and the LSTM step through the model's own forward. With gates=True each
     layer is stepped with charlm.model.gru's step_with_gates or lstm_step_with_gates (the same
-    maths), which also give its gates. On the CPU in float32 the nn.GRU step is one call into
+    maths), which also give its gates. On the CPU the nn.GRU step is one call into
     charlm/model/native_gru.cpp where it loads (charlm.model.native), else PyTorch's operations.
-    Build it after the weights stop changing (it copies them).
+    precision="bf16" rounds the matmuls' weights and inputs to bfloat16 and keeps their sums, the
+    gates and the state in float32 (the other cells: their forward under bf16 autocast); half the
+    bytes to read, and AVX-512 BF16's pair products, where the CPU has them. Build it after the
+    weights stop changing (it copies them).
     """
 
-    def __init__(self, model: CharLM):
+    def __init__(self, model: CharLM, precision: str = "fp32"):
         self.model = model
+        self.precision = precision
         self.fast = isinstance(model.recurrent, torch.nn.GRU)
         self.weights = [layer_weights(model.recurrent, k) for k in range(model.config.n_layers)]
-        self.native = None  # native_gru.cpp's ops, for the nn.GRU step on the CPU in float32
+        self.native = None  # native_gru.cpp's ops, for the nn.GRU step on the CPU
         if not self.fast:
             return
+        # bf16: the matmuls' weights and inputs rounded to bfloat16, their sums and the gates float32
+        mm = torch.bfloat16 if precision == "bf16" else torch.float32
+        self.rounded = (lambda t: t.to(mm).float()) if precision == "bf16" else (lambda t: t)
         with torch.no_grad():
             w_ih, _, b_ih, _ = self.weights[0]
             self.table = torch.addmm(b_ih, model.embed.weight, w_ih.t())  # (256, 3D): W_i x + b_i per byte
-            self.w_ih_t = [w[0].t().contiguous() for w in self.weights]
+            self.w_ih_t = [self.rounded(w[0].t().contiguous()) for w in self.weights]
             self.b_ih = [w[2].detach() for w in self.weights]
             # every layer's recurrent matmul needs only the previous state: one batched matmul for all
-            self.w_hh_t = torch.stack([w[1].t() for w in self.weights])  # (L, D, 3D)
+            self.w_hh_t = self.rounded(torch.stack([w[1].t() for w in self.weights]))  # (L, D, 3D)
             self.b_hh = torch.stack([w[3] for w in self.weights]).unsqueeze(1)  # (L, 1, 3D)
-            self.head = (model.head.weight.t().contiguous(), model.head.bias.detach())
-        # native_gru.cpp's gru_decode: the whole step in one call, float32 on the CPU
+            self.head = (self.rounded(model.head.weight.t().contiguous()), model.head.bias.detach())
+        # native_gru.cpp's gru_decode: the whole step in one call, on the CPU in float32 parameters
         on_cpu = self.table.device.type == "cpu" and self.table.dtype == torch.float32
         self.native = native.ops() if on_cpu else None
         if self.native is not None:
-            lay = self.native.gemv_layout  # the batch-1 matmuls read their weights in this order
+            lay = self.native.gemv_layout  # the weights in the order decoding's matmuls read them
+            w_ih_t = [w.to(mm) for w in self.w_ih_t]
+            w_hh_t = list(self.w_hh_t.to(mm).contiguous())
+            head_t = self.head[0].to(mm)
             blocked = [t for k in range(len(self.weights))
-                       for t in (lay(self.w_ih_t[k]) if k else self.table.new_empty(0), lay(self.w_hh_t[k]))]
-            self.native_weights = (self.table, self.w_ih_t, self.b_ih, list(self.w_hh_t.contiguous()),
-                                   [b.view(-1) for b in self.b_hh], *self.head, blocked + [lay(self.head[0])])
+                       for t in (lay(w_ih_t[k]) if k else w_ih_t[k].new_empty(0), lay(w_hh_t[k]))]
+            self.native_weights = (self.table, w_ih_t, self.b_ih, w_hh_t, [b.view(-1) for b in self.b_hh],
+                                   head_t, self.head[1], blocked + [lay(head_t)])
 
     def __call__(self, byte: torch.Tensor, h: torch.Tensor, gates: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor, Optional[dict[str, Any]]]:
@@ -59,22 +69,23 @@ class Stepper:
         if gates:
             return self._with_gates(byte, h)
         if not self.fast:
-            log_probs, h = self.model(byte.unsqueeze(1), h)
-            return log_probs[:, -1], h, None
+            with torch.autocast(byte.device.type, torch.bfloat16, enabled=self.precision == "bf16"):
+                log_probs, h = self.model(byte.unsqueeze(1), h)
+            return log_probs[:, -1].float(), h.float(), None
         if self.native is not None:
             log_probs, h = self.native.gru_decode(byte, h.contiguous(), *self.native_weights)
             return log_probs, h, None
-        d = self.model.config.d_model
-        gh_all = torch.baddbmm(self.b_hh, h, self.w_hh_t)  # (L, N, 3D)
+        d, r = self.model.config.d_model, self.rounded
+        gh_all = torch.baddbmm(self.b_hh, r(h), self.w_hh_t)  # (L, N, 3D)
         x = h.new_empty(0)
         states = []
         for k, gh in enumerate(gh_all):
-            gi = self.table[byte] if k == 0 else torch.addmm(self.b_ih[k], x, self.w_ih_t[k])
+            gi = self.table[byte] if k == 0 else torch.addmm(self.b_ih[k], r(x), self.w_ih_t[k])
             rz = torch.sigmoid(gi[:, : 2 * d] + gh[:, : 2 * d])
             n = torch.tanh(torch.addcmul(gi[:, 2 * d :], rz[:, :d], gh[:, 2 * d :]))
             x = torch.lerp(n, h[k], rz[:, d:])  # (1 - z) * n + z * h
             states.append(x)
-        logits = torch.addmm(self.head[1], x, self.head[0])
+        logits = torch.addmm(self.head[1], r(x), self.head[0])
         return torch.log_softmax(logits, dim=-1), torch.stack(states), None
 
     def can_write(self, temperature: float, top_k: Optional[int], top_p: Optional[float]) -> bool:
