@@ -726,24 +726,45 @@ Tensor draw(const Tensor& log_probs_, double temperature, std::optional<at::Gene
   Tensor u = at::rand({N, 1}, generator, lp.options());
   Tensor out = at::empty({N}, lp.options().dtype(at::kLong));
   const float inv_t = static_cast<float>(1.0 / temperature);
-  std::vector<float> cdf(V);
+  constexpr int64_t kDrawBlock = 16;
+  const int64_t blocks = (V + kDrawBlock - 1) / kDrawBlock;
+  std::vector<float> e(V), block_sum(blocks);
   for (int64_t i = 0; i < N; ++i) {
     const float* row = lp.const_data_ptr<float>() + i * V;
+    float lane[kDrawBlock];  // the largest by lanes, a vector of them, then the largest of those
+    for (int64_t l = 0; l < kDrawBlock; ++l) lane[l] = -INFINITY;
+    for (int64_t j0 = 0; j0 + kDrawBlock <= V; j0 += kDrawBlock)
+      for (int64_t l = 0; l < kDrawBlock; ++l) lane[l] = std::max(lane[l], row[j0 + l] * inv_t);
     float top = -INFINITY;
-    for (int64_t j = 0; j < V; ++j) top = std::max(top, row[j] * inv_t);
-    for (int64_t j = 0; j < V; ++j) cdf[j] = fast_exp(row[j] * inv_t - top);
+    for (int64_t j = V / kDrawBlock * kDrawBlock; j < V; ++j) top = std::max(top, row[j] * inv_t);
+    for (int64_t l = 0; l < kDrawBlock; ++l) top = std::max(top, lane[l]);
+    for (int64_t j = 0; j < V; ++j) e[j] = fast_exp(row[j] * inv_t - top);
+    // the CDF by blocks of kDrawBlock bytes: the blocks' sums are independent of each other, where
+    // one running sum over all V bytes is V dependent additions
     float total = 0.f;
-    for (int64_t j = 0; j < V; ++j) cdf[j] = total += cdf[j];
+    for (int64_t b = 0; b < blocks; ++b) {
+      float sum = 0.f;
+      for (int64_t j = b * kDrawBlock; j < std::min(V, (b + 1) * kDrawBlock); ++j) sum += e[j];
+      block_sum[b] = sum;
+    }
+    for (int64_t b = 0; b < blocks; ++b) total += block_sum[b];
     // strictly below the total, so that the draw lands on a byte with probability above zero
     const float target = std::min(u.const_data_ptr<float>()[i] * total, std::nextafter(total, 0.f));
-    int64_t pick = V - 1;
-    for (int64_t j = 0; j < V; ++j) {
-      if (cdf[j] > target) {
+    float below = 0.f;  // the CDF before block b
+    int64_t b = 0;
+    while (b + 1 < blocks && below + block_sum[b] <= target) below += block_sum[b++];
+    // the first byte of block b whose CDF passes target; rounding aside, the last likely one
+    int64_t pick = -1, last = -1;
+    float cdf = below;
+    for (int64_t j = b * kDrawBlock; j < std::min(V, (b + 1) * kDrawBlock); ++j) {
+      cdf += e[j];
+      if (e[j] > 0.f) last = j;
+      if (cdf > target && e[j] > 0.f) {
         pick = j;
         break;
       }
     }
-    out.data_ptr<int64_t>()[i] = pick;
+    out.data_ptr<int64_t>()[i] = pick >= 0 ? pick : (last >= 0 ? last : V - 1);
   }
   return out;
 }
