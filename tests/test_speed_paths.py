@@ -144,7 +144,7 @@ def test_bench_prints_its_table(tmp_path):
                    "reps=2", "sample_reps=1", cwd=tmp_path)
     out = proc.stdout
     for line in ("matmul peak at the start", "peak beside it fp32 ", "plain nn.GRU loop", "charlm step",
-                 "ratio charlm / plain", "batch 1 ", "batch 64",
+                 "ratio charlm / plain", "batch 1   fp32", "batch 1   bf16", "batch 64  fp32", "batch 64  bf16",
                  "2,000 vs 500 bytes cost", "peak memory:"):
         assert line in out, out
     bad = run_cli("-m", "charlm.bench", "batch_size=0", cwd=tmp_path, check=False)
