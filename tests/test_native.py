@@ -128,42 +128,27 @@ def test_fused_gru_under_bf16_autocast_stays_within_bf16_rounding_of_nn_gru(gru_
 
 
 @needs_native
-@pytest.mark.parametrize("batch", [1, 64])
-def test_native_decoding_step_equals_the_pytorch_step(batch, monkeypatch):
+@pytest.mark.parametrize("precision,batch,d_model", [("fp32", 1, 48), ("fp32", 64, 48), ("bf16", 1, 48),
+                                                     ("bf16", 1, 256), ("bf16", 64, 48), ("bf16", 3, 33)])
+def test_native_decoding_step_equals_the_pytorch_step(precision, batch, d_model):
+    """The kernels' step against PyTorch's operations on the same numbers: float32, or with
+    precision="bf16" the weights and inputs rounded to bf16 and float32 sums, which differs from
+    float32's step by that rounding and no more."""
     torch.manual_seed(0)
-    m = CharLM(ModelConfig(d_model=48, n_layers=3)).eval()
-    fast, plain = Stepper(m), Stepper(m)
+    m = CharLM(ModelConfig(d_model=d_model, n_layers=3)).eval()
+    fast, plain, fp32 = Stepper(m, precision), Stepper(m, precision), Stepper(m)
     plain.native = None
-    assert fast.native is not None
-    byte, h = torch.randint(0, 256, (batch,)), torch.randn(3, batch, 48)
+    bf16 = precision == "bf16"
+    assert fast.native_weights[3][0].dtype == (torch.bfloat16 if bf16 else torch.float32)  # what the kernels got
+    byte, h = torch.randint(0, 256, (batch,)), torch.randn(3, batch, d_model) * 0.5
     with torch.no_grad():
-        for _ in range(5):
+        for _ in range(4):
             lp_fast, h_fast, _ = fast(byte, h)
             lp_plain, h_plain, _ = plain(byte, h)
-            torch.testing.assert_close(lp_fast, lp_plain, atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(h_fast, h_plain, atol=1e-5, rtol=1e-5)
-            byte, h = lp_plain.argmax(-1), h_plain
-
-
-@needs_native
-@pytest.mark.parametrize("batch,d_model", [(1, 48), (1, 256), (64, 48), (3, 33)])
-def test_bf16_decoding_rounds_only_the_matmuls(batch, d_model):
-    """precision="bf16": the kernels' step equals PyTorch's step on the same bf16-rounded weights and
-    inputs with float32 sums (to float rounding), and differs from float32's only by that rounding."""
-    torch.manual_seed(0)
-    m = CharLM(ModelConfig(d_model=d_model, n_layers=2)).eval()
-    fast, plain, fp32 = Stepper(m, "bf16"), Stepper(m, "bf16"), Stepper(m)
-    plain.native = None
-    assert fast.native_weights[3][0].dtype == torch.bfloat16  # the kernels were handed bf16 weights
-    byte, h = torch.randint(0, 256, (batch,)), torch.randn(2, batch, d_model) * 0.5
-    with torch.no_grad():
-        for _ in range(3):
-            lp_fast, h_fast, _ = fast(byte, h)
-            lp_plain, h_plain, _ = plain(byte, h)
-            torch.testing.assert_close(lp_fast, lp_plain, atol=2e-4, rtol=1e-4)
-            torch.testing.assert_close(h_fast, h_plain, atol=2e-5, rtol=1e-5)
-            err = (lp_fast - fp32(byte, h)[0]).abs().max().item()
-            assert 1e-5 < err < 0.03  # rounded to bf16, and only that
+            torch.testing.assert_close(lp_fast, lp_plain, atol=2e-4 if bf16 else 1e-5, rtol=1e-4 if bf16 else 1e-5)
+            torch.testing.assert_close(h_fast, h_plain, atol=2e-5 if bf16 else 1e-5, rtol=1e-5)
+            if bf16:
+                assert 1e-5 < (lp_fast - fp32(byte, h)[0]).abs().max().item() < 0.03
             byte, h = lp_plain.argmax(-1), h_plain
 
 
