@@ -91,8 +91,8 @@ def check_ddp(text: Path, work: Path, device: str) -> str:
 
 
 def check_native() -> str:
-    """The fused C++ kernels against PyTorch's operations: a training step's gradients and a
-    decoding step of a tiny GRU, in fp32."""
+    """The fused C++ kernels against PyTorch's operations: a training step's gradients in fp32 and
+    a decoding step of a tiny GRU, in fp32 and with sample.py's precision=bf16."""
     torch.manual_seed(0)
     model = CharLM(ModelConfig(d_model=32, n_layers=2, dropout=0.0))
     x = torch.randint(0, 256, (4, 16))
@@ -102,16 +102,17 @@ def check_native() -> str:
             model.zero_grad()
             model(x)[0].sum().backward()
             grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
-        step = Stepper(model.eval())
+        steps = [Stepper(model.eval(), precision) for precision in ("fp32", "bf16")]
         if not use:
-            step.native = None
+            for step in steps:
+                step.native = None
         with torch.no_grad():
-            probs.append(step(x[:, 0], model.init_hidden(4))[0])
+            probs.append(torch.stack([step(x[:, 0], model.init_hidden(4))[0] for step in steps]))
         model.train()
     diff = max(float((grads[0] - grads[1]).abs().max()), float((probs[0] - probs[1]).abs().max()))
     if diff > 1e-4:
         raise RuntimeError(f"the fused kernels and PyTorch's operations differ by {diff:.2g}")
-    return f"training and decoding agree with PyTorch's operations (largest difference {diff:.1g})"
+    return f"training and decoding (fp32, bf16) agree with PyTorch's operations (largest difference {diff:.1g})"
 
 
 def auto_choices(device: torch.device) -> list[str]:
