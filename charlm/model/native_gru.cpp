@@ -826,10 +826,12 @@ Tensor dropout_mask(const Tensor& like, double p, int64_t seed) {
   const uint32_t s0 = static_cast<uint32_t>(seed), s1 = static_cast<uint32_t>(static_cast<uint64_t>(seed) >> 32);
   float* m = mask.data_ptr<float>();
   at::parallel_for(0, mask.numel(), int64_t{1} << 16, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      const uint32_t h = mix32(mix32(static_cast<uint32_t>(i) ^ s0) + s1);
-      m[i] = h >= threshold ? scale : 0.f;
-    }
+    // locals and a 32-bit index: the loop then vectorizes without checks and 64-bit lanes
+    float* out = m + b;
+    const float keep = scale;
+    const uint32_t cut32 = threshold, a = s0, c = s1, first = static_cast<uint32_t>(b);
+    const uint32_t n = static_cast<uint32_t>(e - b);
+    for (uint32_t k = 0; k < n; ++k) out[k] = mix32(mix32((first + k) ^ a) + c) >= cut32 ? keep : 0.f;
   });
   return mask;
 }
