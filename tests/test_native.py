@@ -139,7 +139,7 @@ def test_native_decoding_step_equals_the_pytorch_step(precision, batch, d_model)
     fast, plain, fp32 = Stepper(m, precision), Stepper(m, precision), Stepper(m)
     plain.native = None
     bf16 = precision == "bf16"
-    assert fast.native_weights[3][0].dtype == (torch.bfloat16 if bf16 else torch.float32)  # what the kernels got
+    assert fast.native_weights[-1][1].dtype == (torch.bfloat16 if bf16 else torch.float32)  # what the kernels got
     byte, h = torch.randint(0, 256, (batch,)), torch.randn(3, batch, d_model) * 0.5
     with torch.no_grad():
         for _ in range(4):

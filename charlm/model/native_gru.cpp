@@ -594,18 +594,19 @@ void gemv_block(const Gemv& g, const E* w, int64_t K, int64_t c0) {
     for (int64_t c = 0; c < width; ++c) y[c] = sums[c] + (g.bias ? g.bias[c0 + from + c] : 0.f);
   };
 #ifdef CHARLM_ROWS_F32
-  if (g.N > 1 && (std::is_same_v<E, float> || kBf16Tiles)) {
-    constexpr int64_t pair = std::is_same_v<E, float> ? 1 : 2;
-    alignas(64) float acc[kRows][2][U];
-    for (int64_t s = 0; s < n; s += 2 * U) {  // 2U columns of the block, for every tile of rows
-      for (int64_t r0 = 0; r0 < g.N; r0 += kRows) {
-        const int r = static_cast<int>(std::min<int64_t>(kRows, g.N - r0));
-        if constexpr (std::is_same_v<E, float> || kBf16Tiles)
+  if constexpr (std::is_same_v<E, float> || kBf16Tiles) {
+    if (g.N > 1) {
+      constexpr int64_t pair = std::is_same_v<E, float> ? 1 : 2;
+      alignas(64) float acc[kRows][2][U];
+      for (int64_t s = 0; s < n; s += 2 * U) {  // 2U columns of the block, for every tile of rows
+        for (int64_t r0 = 0; r0 < g.N; r0 += kRows) {
+          const int r = static_cast<int>(std::min<int64_t>(kRows, g.N - r0));
           tile_rows<2, kCols>(r, x + r0 * g.xs, g.xs, K, w + s * pair, acc);
-        for (int i = 0; i < r; ++i) store(r0 + i, s, std::min<int64_t>(2 * U, n - s), acc[i][0]);
+          for (int i = 0; i < r; ++i) store(r0 + i, s, std::min<int64_t>(2 * U, n - s), acc[i][0]);
+        }
       }
+      return;
     }
-    return;
   }
 #endif
   for (int64_t row = 0; row < g.N; ++row) {  // one row, or bfloat16 without the pair products
@@ -638,7 +639,7 @@ void gemv(const std::vector<Gemv>& jobs) {
 }
 
 // One of decoding's matmuls: y (N, M) float32 = x (N, K) float32 @ w (+ bias), w as gemv_layout's
-// blocks and as w_t (K, M), in the decoding dtype.
+// blocks, in the decoding dtype, and as w_t (K, M) float32, for at::mm where gemv cannot take the rows.
 struct Product {
   Tensor x;
   const Tensor* blocked;
@@ -677,9 +678,9 @@ void products(const std::vector<Product>& ps) {
 // One step of the stacked GRU and the output layer: byte (N,) and h (L, N, H) float32 ->
 // log-probabilities of the next byte (N, V) and the new state (L, N, H), float32. table (V, 3H) is
 // the embedding folded into layer 0's input projection (float32); w_ih_t, w_hh_t are transposed
-// (in, 3H), and `blocked` holds the same weights in gemv_layout's order: layer k's input
+// (in, 3H), float32, and `blocked` holds the same weights in gemv_layout's order: layer k's input
 // projection (empty for layer 0) and recurrent weights, for each layer in turn, then the head's.
-// The matmuls run in the dtype of w_hh_t (float32 or bfloat16), the gates in float32.
+// The matmuls run in the dtype of `blocked` (float32 or bfloat16), the gates in float32.
 std::tuple<Tensor, Tensor> gru_decode(const Tensor& byte, const Tensor& h, const Tensor& table,
                                       const std::vector<Tensor>& w_ih_t, const std::vector<Tensor>& b_ih,
                                       const std::vector<Tensor>& w_hh_t, const std::vector<Tensor>& b_hh,

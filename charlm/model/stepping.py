@@ -52,14 +52,15 @@ class Stepper:
         on_cpu = self.table.device.type == "cpu" and self.table.dtype == torch.float32
         self.native = native.ops() if on_cpu else None
         if self.native is not None:
-            lay = self.native.gemv_layout  # the weights in the order decoding's matmuls read them
-            w_ih_t = [w.to(mm) for w in self.w_ih_t]
-            w_hh_t = list(self.w_hh_t.to(mm).contiguous())
-            head_t = self.head[0].to(mm)
-            blocked = [t for k in range(len(self.weights))
-                       for t in (lay(w_ih_t[k]) if k else w_ih_t[k].new_empty(0), lay(w_hh_t[k]))]
-            self.native_weights = (self.table, w_ih_t, self.b_ih, w_hh_t, [b.view(-1) for b in self.b_hh],
-                                   head_t, self.head[1], blocked + [lay(head_t)])
+            # the weights in the order decoding's matmuls read them, in their dtype
+            def lay(w: torch.Tensor) -> torch.Tensor:
+                return self.native.gemv_layout(w.to(mm))
+
+            w_hh_t = list(self.w_hh_t.contiguous())
+            blocked = [t for k, (w_ih_t, w_hh) in enumerate(zip(self.w_ih_t, w_hh_t))
+                       for t in (lay(w_ih_t) if k else w_ih_t.new_empty(0), lay(w_hh))]
+            self.native_weights = (self.table, self.w_ih_t, self.b_ih, w_hh_t, [b.view(-1) for b in self.b_hh],
+                                   *self.head, blocked + [lay(self.head[0])])
 
     def __call__(self, byte: torch.Tensor, h: torch.Tensor, gates: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor, Optional[dict[str, Any]]]:
