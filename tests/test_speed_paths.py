@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from charlm import CharLM, ModelConfig
 from charlm.checkpoint import load_checkpoint
 from charlm.inference.scoring import evaluate_loss
+from charlm.model import fused_gru as fused_module, native
 from charlm.model.fused_gru import can_fuse, fused_gru
 from charlm.model.stepping import Stepper
 from charlm.training.schedule import budget_lr_factor
@@ -63,8 +64,24 @@ def test_model_takes_the_fused_path_on_cpu_in_fp32_and_bf16():
     with torch.autocast("cpu", dtype=torch.float16):  # no fused float16 path
         assert not can_fuse(m.gru, x)
     assert not can_fuse(CharLM(ModelConfig(d_model=8, n_layers=1, cell="reset_before")).gru, x)
-    with torch.no_grad():  # evaluation: nn.GRU's own loop is faster there
-        assert not can_fuse(m.gru, x)
+    with torch.no_grad():  # evaluation: the kernels where they load, else nn.GRU's own loop
+        assert can_fuse(m.gru, x) == (native.ops() is not None)
+
+
+def test_evaluation_scores_what_nn_gru_scores(text_file, monkeypatch):
+    torch.manual_seed(0)
+    m = CharLM(ModelConfig(d_model=48, n_layers=2, dropout=0.2))
+    data = np.frombuffer(text_file.read_bytes(), np.uint8)[:6000]
+    calls = []
+    real = fused_module.GRULayer.apply
+    monkeypatch.setattr(fused_module.GRULayer, "apply", lambda *a: calls.append(1) or real(*a))
+    loss, n = evaluate_loss(m, data, seq_len=64, lanes=8)
+    assert bool(calls) == (native.ops() is not None)  # the kernels score where they load
+    monkeypatch.setattr("charlm.model.network.can_fuse", lambda gru, x: False)
+    calls.clear()
+    loss_ref, n_ref = evaluate_loss(m, data, seq_len=64, lanes=8)
+    assert not calls and n == n_ref and loss == pytest.approx(loss_ref, abs=1e-5)
+    assert m.training  # evaluation leaves the model as it found it
 
 
 @pytest.mark.parametrize("cell", ["reset_after", "reset_before", "lstm"])
