@@ -84,6 +84,50 @@ def test_evaluation_scores_what_nn_gru_scores(text_file, monkeypatch):
     assert m.training  # evaluation leaves the model as it found it
 
 
+def _loss_and_grads(m, x, h, bf16):
+    m.zero_grad()
+    torch.manual_seed(3)  # the same dropout masks in both paths
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        lp, hn = m(x, h)
+    (lp.exp()[..., :7].sum() + hn.sum()).backward()
+    return lp.detach(), hn.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_the_first_layer_read_from_a_table_computes_what_the_embedding_path_does(bf16, monkeypatch):
+    torch.manual_seed(0)
+    m = CharLM(ModelConfig(d_model=48, n_layers=2, dropout=0.3, embed_dropout=False))
+    x, h = torch.randint(0, 256, (8, 40)), torch.randn(2, 8, 48)
+    assert m.reads_a_table(x)
+    calls = []
+    real = fused_module.GRUTableLayer.apply
+    monkeypatch.setattr(fused_module.GRUTableLayer, "apply", lambda *a: calls.append(1) or real(*a))
+    table = _loss_and_grads(m, x, h, bf16)
+    assert calls
+    monkeypatch.setattr(CharLM, "reads_a_table", lambda self, x: False)
+    direct = _loss_and_grads(m, x, h, bf16)
+    exact = _loss_and_grads(m, x, h, False)  # float32 through the embedding path
+    assert len(calls) == 1
+    assert torch.allclose(table[0], direct[0], atol=1e-6) and torch.allclose(table[1], direct[1], atol=1e-6)
+    for name, g in table[2].items():
+        if bf16:  # each path within bf16 rounding of float32's gradient
+            err = float((g - exact[2][name]).norm() / exact[2][name].norm())
+            assert err < 0.02, name
+        else:
+            assert torch.allclose(g, direct[2][name], rtol=1e-4, atol=1e-5), name
+
+
+def test_the_table_is_read_only_where_nothing_drops_the_embeddings():
+    x, short = torch.zeros(8, 32, dtype=torch.long), torch.zeros(2, 10, dtype=torch.long)
+    dropped = CharLM(ModelConfig(d_model=16, n_layers=2, dropout=0.2))
+    assert not dropped.reads_a_table(x)  # each position's input is its own
+    assert dropped.eval().reads_a_table(x) == (native.ops() is not None) or torch.is_grad_enabled()
+    kept = CharLM(ModelConfig(d_model=16, n_layers=2, dropout=0.2, embed_dropout=False))
+    assert kept.reads_a_table(x) and not kept.reads_a_table(short)  # under 256 positions the rows are fewer
+    for cell in ("reset_before", "lstm"):
+        assert not CharLM(ModelConfig(d_model=16, n_layers=2, dropout=0.0, cell=cell)).reads_a_table(x)
+
+
 @pytest.mark.parametrize("cell", ["reset_after", "reset_before", "lstm"])
 def test_the_stepper_equals_a_forward_pass_with_or_without_gates(cell):
     torch.manual_seed(0)

@@ -124,18 +124,20 @@ class Peak:
         return max(self.rates[name][mark[name]:])
 
 
-def _rows(args: BenchConfig) -> list[tuple[str, int, int, int, int]]:
-    """(name, d_model, n_layers, batch, seq) of each model the table times."""
+def _rows(args: BenchConfig) -> list[tuple[str, int, int, int, int, bool]]:
+    """(name, d_model, n_layers, batch, seq, whether its training reads layer 0 from a table) of
+    each model the table times: the recipe's training reads embeddings where it drops them."""
     if args.models == "given":
         return [(f"d_model={args.d_model} n_layers={args.n_layers}", args.d_model, args.n_layers,
-                 args.batch_size, args.seq_len)]
+                 args.batch_size, args.seq_len, True)]
     from charlm.commands.settings import run_config
 
     rows = []  # each corpus's model and batch as train.py composes them (the recipes); reference at 32 lanes
     for name, overrides in (("data=timemachine (the default)", []), ("model=reference", ["model=reference",
                             "train.batch_size=32"]), ("data=tinyshakespeare", ["data=tinyshakespeare"])):
         cfg = run_config(overrides)
-        rows.append((name, cfg.model.d_model, cfg.model.n_layers, cfg.train.batch_size, cfg.train.seq_len))
+        table = not (cfg.model.dropout > 0 and cfg.model.embed_dropout)
+        rows.append((name, cfg.model.d_model, cfg.model.n_layers, cfg.train.batch_size, cfg.train.seq_len, table))
     return rows
 
 
@@ -143,23 +145,27 @@ def bench_training(args: BenchConfig, device: torch.device, peak: Peak) -> Itera
     yield (f"training: tokens/s, median (min-max) of {args.reps} repetitions of {args.steps} steps (more where"
              f" {args.steps} steps hold under {MIN_TOKENS:,} tokens, so that a small model's repetition is not"
              " lost in noise; models=given takes steps as given); the matmul rate is 6 x weights outside the"
-             " embedding per token, against the peak measured beside the row (the best of one matmul in each"
-             " precision before each repetition)")
-    for name, d_model, n_layers, batch, seq in _rows(args):
-        yield from _train_row(args, device, peak, name, d_model, n_layers, batch, seq)
+             " embedding per token (where layer 0 is read from a table, its input weights count 6 x 256 rows"
+             " a step instead), against the peak measured beside the row (the best of one matmul in each"
+             " precision before each repetition); without dropout, each path the recipe's training takes")
+    for name, d_model, n_layers, batch, seq, table in _rows(args):
+        yield from _train_row(args, device, peak, name, d_model, n_layers, batch, seq, table)
 
 
 MIN_TOKENS = 16_000  # per timed repetition: 5 default steps hold 32,000, Tiny Shakespeare's 8,000
 
 
 def _train_row(args: BenchConfig, device: torch.device, peak: Peak, name: str,
-               d_model: int, n_layers: int, batch: int, seq: int) -> list[str]:
+               d_model: int, n_layers: int, batch: int, seq: int, table: bool) -> list[str]:
     torch.manual_seed(0)
     tc = TrainConfig(batch_size=batch, seq_len=seq)
     plain = PlainGRU(d_model, n_layers).to(device)
     plain_opt = torch.optim.Adam(plain.parameters(), lr=1e-3)
     ours = CharLM(ModelConfig(d_model=d_model, n_layers=n_layers, dropout=0.0)).to(device)
     ours.load_state_dict(plain.state_dict())  # same names, same initial weights
+    if not table:  # the recipe drops the embeddings, so its training reads them: time that path
+        ours.reads_a_table = lambda x: False
+    table = table and ours.reads_a_table(torch.zeros(batch, seq, dtype=torch.long, device=device))
     ours_opt = make_optimizer(ours, tc)
     precision = choose_precision(args.precision, ours, device, (batch, seq))
     steps = args.steps if args.models == "given" else max(args.steps, -(-MIN_TOKENS // (batch * seq)))
@@ -190,11 +196,14 @@ def _train_row(args: BenchConfig, device: torch.device, peak: Peak, name: str,
     peaks = {name: peak.best_since(name, mark) for name in {"fp32", precision.name}}
     tokens = steps * batch * seq
     flop = 6 * sum(p.numel() for n, p in ours.named_parameters() if not n.startswith("embed"))
+    if table:  # the table's three matmuls of 256 rows a step replace layer 0's input matmuls
+        flop -= 6 * ours.gru.weight_ih_l0.numel() * (1 - 256 / (batch * seq))
     plain_rate, plain_s = _fmt(t_plain, tokens)
     our_rate, our_s = _fmt(t_ours, tokens)
     ours_label = f"charlm step, {precision.name} ({precision.why.split(':')[0]})"
     return [
-        f"  {name}: {d_model} x {n_layers} layers, batch {batch} x {seq}, {flop / 1e6:.1f} MFLOP per token,"
+        f"  {name}: {d_model} x {n_layers} layers, batch {batch} x {seq}, {flop / 1e6:.1f} MFLOP per token"
+        + (" (layer 0 from a table)," if table else ",")
         f" {steps} steps a repetition; peak beside it "
         + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in sorted(peaks.items())),
         f"    {'plain nn.GRU loop, fp32, Adam':<34}{plain_s} tokens/s {_of_peak(plain_rate * flop, peaks, 'fp32')}",
@@ -215,7 +224,7 @@ def bench_sampling(args: BenchConfig, device: torch.device, peak: Peak) -> Itera
            f" decoding on the CPU: {native.status()}; peaks fp32 {peaks['fp32']:.0f}, bf16 {peaks['bf16']:.0f}"
            " GFLOP/s, best of 5 before it; bf16: sample.py precision=bf16"
            + (", set against the fp32 peak (bf16 matmuls are emulated here)" if peak.emulated else ""))
-    widths = sorted({d for _, d, _, _, _ in _rows(args) if d >= 256} or {args.d_model})
+    widths = sorted({row[1] for row in _rows(args) if row[1] >= 256} or {args.d_model})
     for d_model in widths:
         torch.manual_seed(0)
         model = CharLM(ModelConfig(d_model=d_model, n_layers=args.n_layers)).to(device).eval()

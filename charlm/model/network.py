@@ -49,7 +49,10 @@ class CharLM(nn.Module):
 
         log_probs[:, t] is the distribution of the byte that follows x[:, t].
         """
-        e = dropout(self.embed(x), self.config.dropout, self.training)  # (B, T, D)
+        if self.reads_a_table(x):  # layer 0's input projection as a table of the bytes
+            out, h = fused_gru(self.gru, x, h, embed=self.embed.weight)  # (B, T, D), (L, B, D)
+            return self._head(out, h)
+        e = dropout(self.embed(x), self.config.dropout if self.config.embed_dropout else 0.0, self.training)
         if self.config.cell == "lstm":
             hc = None if h is None else tuple(s.contiguous() for s in h.float().chunk(2, dim=-1))
             with torch.autocast("cuda", enabled=False) if e.is_cuda and torch.is_autocast_enabled("cuda") else _same():
@@ -64,6 +67,16 @@ class CharLM(nn.Module):
                 out, h = self.gru(e.float(), None if h is None else h.float())
         else:
             out, h = self.gru(e, h)
+        return self._head(out, h)
+
+    def reads_a_table(self, x: torch.Tensor) -> bool:
+        """Whether forward(x) runs fused_gru from the bytes (GRUTableLayer): a GRU on the fused
+        path, at least 256 positions (the table's rows), no dropout on the embeddings."""
+        embed_dropout = self.training and self.config.dropout > 0 and self.config.embed_dropout
+        return (self.config.cell == "reset_after" and x.numel() >= VOCAB_SIZE and not embed_dropout
+                and can_fuse(self.gru, self.embed.weight))
+
+    def _head(self, out: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self.head(dropout(out, self.config.dropout, self.training))  # (B, T, 256)
         # at least float32 for the normalisation (a half-precision autocast would lose mass), and
         # a float32 state to carry, whatever precision computed it
