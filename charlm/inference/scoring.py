@@ -12,14 +12,17 @@ import torch.nn.functional as F
 from charlm.data.tokenizer import START_BYTE
 from charlm.model.network import CharLM
 
-EVAL_LANES_MAX = 64
+EVAL_LANES_MAX = 16
 
 
 def training_eval_lanes(n: int) -> int:
-    """Lanes for the evaluations during training: each at least 1 KiB, at most 64 of them.
+    """Lanes for the evaluations during training: each at least 1 KiB, at most 16 of them.
 
-    Each lane starts from a zero state, which costs a little context at 64 places; evaluate.py
-    reads its split as one stream (lanes=1), exactly.
+    Each lane starts from the start byte and a zero state, which costs a little context at each
+    lane's start; evaluate.py reads its split as one stream (lanes=1), exactly. On Tiny
+    Shakespeare's validation split a trained 256x2 model scored 1.4030 as one stream, 1.4041 in
+    16 lanes and 1.4083 in 64; and 16 lanes were the fastest on a 2-core Zen 4 at widths 128 to
+    512 (at 256, 1.1 s against 1.7 s for 64: their activations stay in the cache).
     """
     return max(1, min(EVAL_LANES_MAX, n // 1024))
 
