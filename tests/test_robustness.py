@@ -21,7 +21,7 @@ def model_tensors(path: Path) -> dict:
 @pytest.mark.system
 @pytest.mark.parametrize("batching", ["stream", pytest.param("random", marks=pytest.mark.slow)])
 def test_stop_and_resume_is_bit_exact(tmp_path, text_file, batching):
-    # a quarter of the text is 19 windows of 8x32: the 40 steps cross two epochs, whose windows move
+    # a quarter of the text is 19 windows of 8x32: the 40 steps cross two epochs' starts
     args = (*ARGS, f"data.path={text_file}", f"train.batching={batching}", "train.max_steps=40",
             "train.eval_every=10", "data.train_frac=0.25")
     run_cli("train.py", *args, "out_dir=one_go", cwd=tmp_path)

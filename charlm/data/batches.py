@@ -32,15 +32,9 @@ class StreamBatches:
     y is x shifted left by one, and window k+1 continues window k in every lane, so the hidden
     state is carried from one batch to the next (detached). An epoch is n_windows windows; the
     state starts from zero at the start of each epoch, where every lane begins with the start byte.
-
-    After the first epoch, each epoch reads the stream turned by an offset below seq_len (drawn
-    from the seed and the epoch's number, so a resumed run reads the same windows), as the d2l
-    book's sequential partitioning does: the windows' boundaries, where the gradient is cut, move
-    from epoch to epoch instead of every epoch repeating the same windows. The last lane's last
-    bytes then come round from the stream's start.
     """
 
-    def __init__(self, data: np.ndarray, batch_size: int, seq_len: int, seed: int = 0):
+    def __init__(self, data: np.ndarray, batch_size: int, seq_len: int):
         self.lane_len = len(data) // batch_size
         self.n_windows = self.lane_len // seq_len
         if self.n_windows < 1:
@@ -49,18 +43,13 @@ class StreamBatches:
                 f" lanes of seq_len={seq_len}: it needs at least {batch_size * seq_len:,} bytes;"
                 " lower train.batch_size or train.seq_len, or use more text"
             )
-        self.data, self.seq_len, self.seed = data, seq_len, seed  # data stays memory-mapped: never copied whole
+        self.data, self.seq_len = data, seq_len  # data stays memory-mapped: nothing is copied whole
         self.lane_starts = np.arange(batch_size)[:, None] * self.lane_len  # (B, 1)
 
-    def offset(self, epoch: int) -> int:
-        """How far epoch `epoch` turns the stream: 0 for the first, then a draw below seq_len."""
-        return 0 if epoch == 0 else int(np.random.default_rng([self.seed, epoch]).integers(self.seq_len))
-
-    def window(self, k: int, epoch: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """Window k of epoch `epoch`: x, y (B, T) int64, read from the stream as (B, T+1) bytes."""
+    def window(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Window k of an epoch: x, y (B, T) int64, read from the stream as (B, T+1) bytes."""
         t = self.seq_len
-        at = self.lane_starts + (self.offset(epoch) + k * t + np.arange(-1, t))  # lane positions kT-1 .. kT+T-1
-        w = self.data[at % len(self.data)]
+        w = self.data[self.lane_starts + (k * t + np.arange(-1, t))]  # lane positions kT-1 .. kT+T-1
         if k == 0:
             w[:, 0] = START_BYTE  # position -1 of each lane: the start byte
         w = torch.from_numpy(w).long()

@@ -62,7 +62,7 @@ class Trainer:
             say(f"device: {device} (train.device=auto{'' if device.type == 'cuda' else ', no CUDA GPU found'})")
         torch.manual_seed(cfg.seed)
         self.train_data, self.val_data, val_total = load_splits(cfg, say)
-        self.batches = StreamBatches(self.train_data, tc.batch_size, tc.seq_len, cfg.seed) if tc.batching == "stream" else None
+        self.batches = StreamBatches(self.train_data, tc.batch_size, tc.seq_len) if tc.batching == "stream" else None
         self.model = CharLM(cfg.model).to(device)
         # fine-tuning: the source's weights, then everything else anew
         init_note = state.start_from(self.model, init_state, tc.init_from) if init_state is not None else None
@@ -138,10 +138,10 @@ class Trainer:
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's lanes of the next batch, on the device: x, y (B/W, T), y = x shifted by one."""
         if self.batches is not None:
-            epoch, k = divmod(self.counters.step, self.batches.n_windows)
+            k = self.counters.step % self.batches.n_windows
             if k == 0:
                 self.h = None  # a new epoch: every lane starts over at the start byte
-            x, y = self.batches.window(k, epoch)
+            x, y = self.batches.window(k)
         else:
             x, y = random_batch(self.train_data, self.tc.batch_size, self.tc.seq_len, self.generator)
         return x[self.lanes].to(self.device, non_blocking=True), y[self.lanes].to(self.device, non_blocking=True)
