@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from charlm import CharLM, ModelConfig
 from charlm.checkpoint import load_checkpoint
 from charlm.inference.scoring import evaluate_loss
-from charlm.model import fused_gru as fused_module, native
+from charlm.model import fused_gru as fused_module
+from charlm.model import native
 from charlm.model.fused_gru import can_fuse, fused_gru
 from charlm.model.stepping import Stepper
 from charlm.training.schedule import budget_lr_factor

@@ -204,7 +204,7 @@ def _train_row(args: BenchConfig, device: torch.device, peak: Peak, name: str,
     return [
         f"  {name}: {d_model} x {n_layers} layers, batch {batch} x {seq}, {flop / 1e6:.1f} MFLOP per token"
         + (" (layer 0 from a table)," if table else ",")
-        f" {steps} steps a repetition; peak beside it "
+        + f" {steps} steps a repetition; peak beside it "
         + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in sorted(peaks.items())),
         f"    {'plain nn.GRU loop, fp32, Adam':<34}{plain_s} tokens/s {_of_peak(plain_rate * flop, peaks, 'fp32')}",
         f"    {ours_label:<34}{our_s} tokens/s {_of_peak(our_rate * flop, peaks, precision.name)}",
