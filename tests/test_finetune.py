@@ -68,7 +68,7 @@ def test_model_settings_that_fit_apply_and_others_are_refused(tmp_path, base_run
     run_cli("train.py", "data=text", "data.path=b.txt", *QUICK, "train.max_steps=2", "train.eval_every=2",
             "train.init_from=base", "model.dropout=0.1", "out_dir=drop", cwd=tmp_path)
     model = yaml.safe_load((tmp_path / "drop" / "config.yaml").read_text())["model"]
-    assert model == {"d_model": 32, "n_layers": 1, "dropout": 0.1, "cell": "reset_after"}
+    assert model == {"d_model": 32, "n_layers": 1, "dropout": 0.1, "embed_dropout": True, "cell": "reset_after"}
     for override, key in (("model.d_model=64", "model.d_model"), ("model=reference", "model.d_model"),
                           ("model.cell=reset_before", "model.cell"), ("model.n_layers=2", "model.n_layers")):
         args = [a for a in QUICK if not a.startswith(f"{key}=")]
