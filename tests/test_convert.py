@@ -1,5 +1,4 @@
 """Weights from Keras and Trax, and back to Keras: exact, and checked against Keras itself."""
-import os
 import subprocess
 import sys
 
@@ -104,9 +103,7 @@ def test_flip_update_gate_imports_the_other_orientation():
 
 
 def run_convert(*args, cwd):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "charlm.convert", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return run_cli("-m", "charlm.convert", *args, cwd=cwd, check=False)
 
 
 def test_convert_commands_and_refusal(tmp_path):

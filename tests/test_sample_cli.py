@@ -100,13 +100,24 @@ def test_bad_values_get_one_line(workdir, arg, word):
 
 
 def interactive(workdir, typed: str, *args: str):
+    return interactive_all(workdir, [(typed, args)])[0]
+
+
+def interactive_all(workdir, runs: list) -> list:
+    """`sample.py interactive=true` through a pipe, once for each (typed, args) of runs, side by side."""
     import os
     import subprocess
     import sys
 
     env = {**os.environ, "PYTHONIOENCODING": "utf-8", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, str(ROOT / "sample.py"), "interactive=true", *args], input=typed,
-                          cwd=workdir, env=env, capture_output=True, text=True, encoding="utf-8", timeout=120)
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "sample.py"), "interactive=true", *args],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=workdir,
+                              env=env, text=True, encoding="utf-8") for _, args in runs]
+    done = []
+    for proc, (typed, _) in zip(procs, runs):
+        out, err = proc.communicate(typed, timeout=120)
+        done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return done
 
 
 def test_interactive_writes_one_text_across_turns(workdir):
@@ -126,16 +137,17 @@ def test_interactive_writes_one_text_across_turns(workdir):
 
 
 def test_interactive_sampling_settings_apply(workdir):
-    seeded = [interactive(workdir, "the\nthe\n", "length=30", "temperature=1.0", "seed=5").stdout for _ in range(2)]
-    other = interactive(workdir, "the\nthe\n", "length=30", "temperature=1.0", "seed=6").stdout
-    assert seeded[0] == seeded[1] and seeded[0] != other
     settings = ("length=60", "temperature=1.0", "top_k=3", "seed=1")
-    free = interactive(workdir, "the\n\n", *settings).stdout.split("\n")
+    seeded = ("length=30", "temperature=1.0", "seed=5")
+    one, two, other, first, empty, refused = interactive_all(workdir, [
+        ("the\nthe\n", seeded), ("the\nthe\n", seeded), ("the\nthe\n", (*seeded[:2], "seed=6")),
+        ("the\n\n", settings), ("", ("length=5",)), ("", ("num_samples=2",))])
+    assert one.stdout == two.stdout and one.stdout != other.stdout
+    free = first.stdout.split("\n")
     stop = next(c for c in free[0][3:] if c.isascii() and c.isalpha())  # written in the first turn: it ends there
     stopped = interactive(workdir, "the\n\n", *settings, f"stop={stop}").stdout
     turns = stopped.split("\n")
     assert turns[0] == free[0][: free[0].index(stop) + 1] and len(turns) == 3 and turns[2] == ""
     assert turns[1].count(stop) == 1 and turns[1].endswith(stop) or (len(turns[1]) == 60 and stop not in turns[1])
-    assert interactive(workdir, "", "length=5").stdout == ""  # Ctrl-D at once: nothing written
-    refused = interactive(workdir, "", "num_samples=2")
+    assert empty.stdout == "" and empty.returncode == 0  # Ctrl-D at once: nothing written
     assert refused.returncode == 1 and "interactive=true writes one text" in refused.stderr
