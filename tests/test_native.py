@@ -91,34 +91,20 @@ def gru_path(request, monkeypatch):
     return request.param
 
 
-def test_fused_gru_in_fp32_equals_nn_gru_values_and_gradients(gru_path):
-    torch.manual_seed(0)
-    gru = torch.nn.GRU(16, 16, 2, batch_first=True)
-    x = torch.randn(3, 11, 16, requires_grad=True)
-    h0 = torch.randn(2, 3, 16, requires_grad=True)
-    ref, h_ref = gru(x, h0)
-    out, h = fused_gru.fused_gru(gru, x, h0)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(h, h_ref, atol=1e-5, rtol=1e-5)
-    w = torch.randn_like(out)
-    inputs = [x, h0, *gru.parameters()]
-    g_ref = torch.autograd.grad((ref * w).sum() + h_ref.sum(), inputs)
-    for a, b in zip(torch.autograd.grad((out * w).sum() + h.sum(), inputs), g_ref):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
-
-
-def test_fused_gru_from_bytes_equals_nn_gru_on_their_embeddings(gru_path):
-    """The first layer read from a 256-row table (GRUTableLayer): nn.GRU(embed[x]) and its gradients."""
+@pytest.mark.parametrize("from_bytes", [False, True], ids=["embeddings", "bytes"])
+def test_fused_gru_in_fp32_equals_nn_gru_values_and_gradients(gru_path, from_bytes):
+    """From embeddings, or from bytes with the first layer read from a 256-row table
+    (GRUTableLayer): what nn.GRU computes on their embeddings, and the same gradients."""
     torch.manual_seed(0)
     gru, embed = torch.nn.GRU(16, 16, 2, batch_first=True), torch.randn(256, 16, requires_grad=True)
-    x = torch.randint(0, 256, (4, 70))
-    h0 = torch.randn(2, 4, 16, requires_grad=True)
-    ref, h_ref = gru(embed[x], h0)
-    out, h = fused_gru.fused_gru(gru, x, h0, embed=embed)
+    x = torch.randint(0, 256, (4, 70)) if from_bytes else torch.randn(3, 11, 16, requires_grad=True)
+    h0 = torch.randn(2, x.size(0), 16, requires_grad=True)
+    ref, h_ref = gru(embed[x] if from_bytes else x, h0)
+    out, h = fused_gru.fused_gru(gru, x, h0, embed=embed if from_bytes else None)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(h, h_ref, atol=1e-5, rtol=1e-5)
     w = torch.randn_like(out)
-    inputs = [embed, h0, *gru.parameters()]
+    inputs = [embed if from_bytes else x, h0, *gru.parameters()]
     g_ref = torch.autograd.grad((ref * w).sum() + h_ref.sum(), inputs)
     for a, b in zip(torch.autograd.grad((out * w).sum() + h.sum(), inputs), g_ref):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
