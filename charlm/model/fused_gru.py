@@ -181,7 +181,7 @@ def fused_gru(gru: nn.GRU, x: torch.Tensor, h0: torch.Tensor | None,
     first layer reads embed[x] through GRUTableLayer: what gru(embed[x], h0) returns.
     """
     if h0 is None:
-        h0 = torch.zeros(gru.num_layers, x.size(0), gru.hidden_size, device=x.device)
+        h0 = (x if embed is None else embed).new_zeros(gru.num_layers, x.size(0), gru.hidden_size)
     mm_dtype = torch.bfloat16 if torch.is_autocast_enabled("cpu") else gru.weight_hh_l0.dtype
     seq_in = x.t().contiguous() if embed is not None else x.transpose(0, 1).contiguous()  # time-major
     finals = []
