@@ -111,7 +111,7 @@ def test_the_first_layer_read_from_a_table_computes_what_the_embedding_path_does
     assert len(calls) == 1
     assert torch.allclose(table[0], direct[0], atol=1e-6) and torch.allclose(table[1], direct[1], atol=1e-6)
     for name, g in table[2].items():
-        if bf16:  # each path within bf16 rounding of float32's gradient
+        if bf16:  # within bf16 rounding of float32's gradient
             err = float((g - exact[2][name]).norm() / exact[2][name].norm())
             assert err < 0.02, name
         else:
@@ -122,7 +122,9 @@ def test_the_table_is_read_only_where_nothing_drops_the_embeddings():
     x, short = torch.zeros(8, 32, dtype=torch.long), torch.zeros(2, 10, dtype=torch.long)
     dropped = CharLM(ModelConfig(d_model=16, n_layers=2, dropout=0.2))
     assert not dropped.reads_a_table(x)  # each position's input is its own
-    assert dropped.eval().reads_a_table(x) == (native.ops() is not None) or torch.is_grad_enabled()
+    assert dropped.eval().reads_a_table(x)  # evaluation drops nothing
+    with torch.no_grad():  # and without gradients only the kernels take the fused path
+        assert dropped.reads_a_table(x) == (native.ops() is not None)
     kept = CharLM(ModelConfig(d_model=16, n_layers=2, dropout=0.2, embed_dropout=False))
     assert kept.reads_a_table(x) and not kept.reads_a_table(short)  # under 256 positions the rows are fewer
     for cell in ("reset_before", "lstm"):

@@ -125,19 +125,19 @@ class Peak:
 
 
 def _rows(args: BenchConfig) -> list[tuple[str, int, int, int, int, bool]]:
-    """(name, d_model, n_layers, batch, seq, whether its training reads layer 0 from a table) of
-    each model the table times: the recipe's training reads embeddings where it drops them."""
+    """(name, d_model, n_layers, batch, seq, whether its model drops the embeddings) of each model
+    the table times: the recipe's training then reads them, not layer 0's table."""
     if args.models == "given":
         return [(f"d_model={args.d_model} n_layers={args.n_layers}", args.d_model, args.n_layers,
-                 args.batch_size, args.seq_len, True)]
+                 args.batch_size, args.seq_len, False)]
     from charlm.commands.settings import run_config
 
     rows = []  # each corpus's model and batch as train.py composes them (the recipes); reference at 32 lanes
     for name, overrides in (("data=timemachine (the default)", []), ("model=reference", ["model=reference",
                             "train.batch_size=32"]), ("data=tinyshakespeare", ["data=tinyshakespeare"])):
         cfg = run_config(overrides)
-        table = not (cfg.model.dropout > 0 and cfg.model.embed_dropout)
-        rows.append((name, cfg.model.d_model, cfg.model.n_layers, cfg.train.batch_size, cfg.train.seq_len, table))
+        drops = cfg.model.dropout > 0 and cfg.model.embed_dropout
+        rows.append((name, cfg.model.d_model, cfg.model.n_layers, cfg.train.batch_size, cfg.train.seq_len, drops))
     return rows
 
 
@@ -148,24 +148,24 @@ def bench_training(args: BenchConfig, device: torch.device, peak: Peak) -> Itera
              " embedding per token (where layer 0 is read from a table, its input weights count 6 x 256 rows"
              " a step instead), against the peak measured beside the row (the best of one matmul in each"
              " precision before each repetition); without dropout, each path the recipe's training takes")
-    for name, d_model, n_layers, batch, seq, table in _rows(args):
-        yield from _train_row(args, device, peak, name, d_model, n_layers, batch, seq, table)
+    for name, d_model, n_layers, batch, seq, drops in _rows(args):
+        yield from _train_row(args, device, peak, name, d_model, n_layers, batch, seq, drops)
 
 
 MIN_TOKENS = 16_000  # per timed repetition: 5 default steps hold 32,000, Tiny Shakespeare's 8,000
 
 
 def _train_row(args: BenchConfig, device: torch.device, peak: Peak, name: str,
-               d_model: int, n_layers: int, batch: int, seq: int, table: bool) -> list[str]:
+               d_model: int, n_layers: int, batch: int, seq: int, drops_embeddings: bool) -> list[str]:
     torch.manual_seed(0)
     tc = TrainConfig(batch_size=batch, seq_len=seq)
     plain = PlainGRU(d_model, n_layers).to(device)
     plain_opt = torch.optim.Adam(plain.parameters(), lr=1e-3)
     ours = CharLM(ModelConfig(d_model=d_model, n_layers=n_layers, dropout=0.0)).to(device)
     ours.load_state_dict(plain.state_dict())  # same names, same initial weights
-    if not table:  # the recipe drops the embeddings, so its training reads them: time that path
+    if drops_embeddings:  # so the recipe's training reads them: time that path
         ours.reads_a_table = lambda x: False
-    table = table and ours.reads_a_table(torch.zeros(batch, seq, dtype=torch.long, device=device))
+    table = ours.reads_a_table(torch.zeros(batch, seq, dtype=torch.long, device=device))
     ours_opt = make_optimizer(ours, tc)
     precision = choose_precision(args.precision, ours, device, (batch, seq))
     steps = args.steps if args.models == "given" else max(args.steps, -(-MIN_TOKENS // (batch * seq)))
