@@ -8,7 +8,8 @@ What each part of CharLM computes in, per precision (the run header prints the l
            On CUDA, nn.GRU (cuDNN) stays float32: autocast would run it in float16, not bfloat16.
 
 bf16 on a CPU without bf16 instructions (no AMX, no AVX-512 BF16) is emulated: correct but slow,
-so the tests can run it anywhere. precision=auto times a few training steps of both and keeps
+so the tests can run it anywhere. With AVX-512 BF16 but no AMX (Intel's Xeons where AMX is off or
+hidden) bf16 matmuls are native yet no faster than fp32's. precision=auto times a few training steps of both and keeps
 bf16 only where it is faster for that model on that machine (like cuDNN's benchmark mode).
 """
 from __future__ import annotations
@@ -109,8 +110,8 @@ def choose_precision(
     if device.type == "cpu":
         matmul = matmul or matmul_micros
         fp32_us, bf16_us = matmul(torch.float32), matmul(torch.bfloat16)
-        if bf16_us >= fp32_us:  # emulated: a step would take many times longer, no need to time it
-            return Precision(False, f"auto: bf16 matmuls are emulated on this CPU ({bf16_us:.0f} µs"
+        if bf16_us >= fp32_us:  # emulated or no faster: a step would not be either, no need to time it
+            return Precision(False, f"auto: bf16 matmuls are no faster than fp32 on this CPU ({bf16_us:.0f} µs"
                                     f" against {fp32_us:.0f} µs in fp32)")
     measure = measure or _step_timer(model, device, batch)
     times: dict[bool, list[float]] = {False: [], True: []}
