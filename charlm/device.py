@@ -9,8 +9,9 @@ What each part of CharLM computes in, per precision (the run header prints the l
 
 bf16 on a CPU without bf16 instructions (no AMX, no AVX-512 BF16) is emulated: correct but slow,
 so the tests can run it anywhere. With AVX-512 BF16 but no AMX (Intel's Xeons where AMX is off or
-hidden) bf16 matmuls are native yet no faster than fp32's. precision=auto times a few training steps of both and keeps
-bf16 only where it is faster for that model on that machine (like cuDNN's benchmark mode).
+hidden) bf16 matmuls are native yet no faster than fp32's. precision=auto times a few training
+steps of both and keeps bf16 only where it is faster for that model on that machine (like
+cuDNN's benchmark mode).
 """
 from __future__ import annotations
 
