@@ -21,7 +21,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -87,7 +87,11 @@ def _fmt(times: list[float], work: float) -> tuple[float, str]:
 class Peak:
     """The machine's matmul peak in fp32 and bf16: a (size, size) @ (size, size) matmul, timed
     whenever measure() is called, so that each row of the table is set against the peak measured
-    beside it (on a shared machine the peak itself drifts from minute to minute)."""
+    beside it (on a shared machine the peak itself drifts from minute to minute).
+
+    fp32 on the CPU is the faster of torch.mm (MKL's sgemm in PyTorch's builds) and oneDNN's fp32
+    matmul: MKL runs its AVX2 code on AMD CPUs, half of what a Zen 5's AVX-512 units do, and
+    charlm's own AVX-512 kernels would otherwise show more than 100% of the peak."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -101,15 +105,24 @@ class Peak:
                         for _ in range(2))
             for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))
         }
+        self.matmul: dict[str, Callable] = {"fp32": torch.mm, "bf16": torch.mm}
+        self.fp32_by, self.mm_fp32 = "torch.mm", 0.0  # which fp32 matmul; torch.mm's rate where it lost
+        onednn = _onednn_fp32(device)
+        if onednn is not None:
+            a, b = self.operands["fp32"]
+            mm_s, onednn_s = (min(_time(lambda f=f: f(a, b), device) for _ in range(3)) for f in (torch.mm, onednn))
+            if onednn_s < mm_s:
+                self.matmul["fp32"], self.fp32_by = onednn, "oneDNN"
+                self.mm_fp32 = 2 * self.size["fp32"] ** 3 / mm_s / 1e9
         self.rates: dict[str, list[float]] = {"fp32": [], "bf16": []}
         for name in self.rates:  # warm up
-            a, b = self.operands[name]
-            a @ b
+            self.matmul[name](*self.operands[name])
 
     def measure(self, name: str) -> float:
         """GFLOP/s of one matmul in precision `name` (fp32, bf16), now."""
         a, b = self.operands[name]
-        rate = 2 * self.size[name] ** 3 / _time(lambda: a @ b, self.device) / 1e9
+        mm = self.matmul[name]
+        rate = 2 * self.size[name] ** 3 / _time(lambda: mm(a, b), self.device) / 1e9
         self.rates[name].append(rate)
         return rate
 
@@ -123,6 +136,19 @@ class Peak:
     def best_since(self, name: str, mark: dict[str, int]) -> float:
         """The best measurement since mark() was called."""
         return max(self.rates[name][mark[name]:])
+
+
+def _onednn_fp32(device: torch.device) -> Optional[Callable]:
+    """oneDNN's fp32 matmul, (a, b) -> a @ b.T (the same work as a @ b), where this PyTorch has it
+    on the CPU, else None."""
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        op = torch.ops.mkldnn._linear_pointwise
+        op(torch.ones(2, 2), torch.ones(2, 2), None, "none", [], "")
+    except (AttributeError, RuntimeError):
+        return None
+    return lambda a, b: op(a, b, None, "none", [], "")
 
 
 def _rows(args: BenchConfig) -> list[tuple[str, int, int, int, int, bool]]:
@@ -274,7 +300,8 @@ def _bench(args: BenchConfig) -> int:
         print(f"GRU time loops: {native.status()}" + (f"; {native.matmuls()}" if native.ops() else ""))
     peak = Peak(device)
     fp32, bf16 = peak.best("fp32"), peak.best("bf16")
-    print(f"matmul peak at the start, best of 5 {peak.size['fp32']}^3 matmuls: fp32 {fp32:.0f} GFLOP/s, bf16 "
+    fp32_by = f" by oneDNN (torch.mm's {peak.mm_fp32:.0f})" if peak.fp32_by == "oneDNN" else ""
+    print(f"matmul peak at the start, best of 5 {peak.size['fp32']}^3 matmuls: fp32 {fp32:.0f} GFLOP/s{fp32_by}, bf16 "
           + (f"{bf16:.2f} GFLOP/s (no faster than fp32 on this CPU, {peak.size['bf16']}^3)" if peak.slow_bf16
              else f"{bf16:.0f} GFLOP/s")
           + "; each row below is set against the peak measured beside it", flush=True)
