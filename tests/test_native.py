@@ -31,11 +31,15 @@ def _layer_inputs(dtype, seq=7, batch=5, hid=24, seed=0):
 # at::mm's loop (24 units); the micro-kernels' loop, rows in whole tiles on every thread, and with
 # a part tile (13 rows)
 @pytest.mark.parametrize("batch,hid", [(5, 24), (96, 64), (13, 32)])
-def test_native_time_loops_equal_the_pytorch_loops(dtype, tol, batch, hid):
+@pytest.mark.parametrize("input_bias", [False, True], ids=["gi-with-bias", "bias-added-in-loop"])
+def test_native_time_loops_equal_the_pytorch_loops(dtype, tol, batch, hid, input_bias):
     gi, h0, w_hh, b_hh = _layer_inputs(dtype, batch=batch, hid=hid)
+    b_ih = torch.randn(3 * hid, generator=torch.Generator().manual_seed(1)) if input_bias else None
     w_hh_t = w_hh.t().contiguous()
-    ours = ops.gru_forward(gi, h0, w_hh_t, b_hh)
-    theirs = fused_gru.forward_loop(gi, h0, w_hh_t, b_hh)
+    ours = ops.gru_forward(gi, h0, w_hh_t, b_hh, b_ih)
+    theirs = fused_gru.forward_loop(gi, h0, w_hh_t, b_hh, b_ih)
+    if input_bias:  # the bias moves the gates: a loop that dropped it would not pass
+        assert not torch.allclose(ours[0], ops.gru_forward(gi, h0, w_hh_t, b_hh, None)[0], atol=1e-3)
     for a, b in zip(ours, theirs):
         assert a.dtype == b.dtype and a.shape == b.shape
         torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol)

@@ -11,11 +11,15 @@ from charlm import CharLM, ModelConfig
 from charlm.checkpoint import load_checkpoint
 from charlm.inference.scoring import evaluate_loss
 from charlm.model import fused_gru as fused_module
+from charlm.model import head as head_module
 from charlm.model import native
 from charlm.model.fused_gru import can_fuse, fused_gru
 from charlm.model.stepping import Stepper
 from charlm.training.schedule import budget_lr_factor
 from conftest import TINY, run_cli
+
+needs_native = pytest.mark.skipif(native.ops() is None,
+                                  reason=f"the fused kernels are not available: {native.status()}")
 
 
 def layer_by_layer(gru, x, h0):
@@ -116,6 +120,33 @@ def test_the_first_layer_read_from_a_table_computes_what_the_embedding_path_does
             assert err < 0.02, name
         else:
             assert torch.allclose(g, direct[2][name], rtol=1e-4, atol=1e-5), name
+
+
+@needs_native
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_the_fused_head_computes_what_nn_linear_and_log_softmax_do(bf16, monkeypatch):
+    torch.manual_seed(0)
+    m = CharLM(ModelConfig(d_model=48, n_layers=2, dropout=0.3))
+    with torch.no_grad():
+        m.head.bias.normal_()  # a bias that matters: the fused matmul leaves it to the kernel
+    x, h = torch.randint(0, 256, (8, 40)), torch.randn(2, 8, 48)
+    calls = []
+    real = head_module.LogSoftmaxHead.apply
+    monkeypatch.setattr(head_module.LogSoftmaxHead, "apply", lambda *a: calls.append(1) or real(*a))
+    fused = _loss_and_grads(m, x, h, bf16)
+    assert len(calls) == 1
+    monkeypatch.setattr(head_module, "can_fuse", lambda head, x: False)
+    plain = _loss_and_grads(m, x, h, bf16)
+    exact = _loss_and_grads(m, x, h, False) if bf16 else plain
+    assert len(calls) == 1 and fused[0].dtype == plain[0].dtype == torch.float32
+    if bf16:  # within bf16 rounding of float32's log-probabilities and gradients
+        assert (fused[0] - exact[0]).abs().max() < 0.05
+        for name, g in fused[2].items():
+            assert float((g - exact[2][name]).norm() / exact[2][name].norm()) < 0.02, name
+    else:
+        assert torch.allclose(fused[0], plain[0], atol=1e-5) and torch.equal(fused[1], plain[1])
+        for name, g in fused[2].items():
+            assert torch.allclose(g, plain[2][name], rtol=1e-4, atol=1e-5), name
 
 
 def test_the_table_is_read_only_where_nothing_drops_the_embeddings():

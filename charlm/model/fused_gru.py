@@ -28,11 +28,12 @@ from charlm.model.dropout import dropout
 from charlm.model.gru import layer_weights
 
 
-def forward_loop(gi, h0, w_hh_t, b_hh):
+def forward_loop(gi, h0, w_hh_t, b_hh, b_ih=None):
     """The time loop of the forward pass in PyTorch's operations: what native_gru.cpp's
-    gru_forward computes. gi (T, B, 3H) = W_i x + b_i and w_hh_t (H, 3H) in the matmul dtype,
-    h0 (B, H) and b_hh float32 -> out (T, B, H) float32, out in the matmul dtype, and the gates
-    saved for backward_loop: rz (T, B, 2H), n (T, B, H), ghn = W_hn h + b_hn (T, B, H)."""
+    gru_forward computes. gi (T, B, 3H) = W_i x (+ b_i where b_ih is None) and w_hh_t (H, 3H) in
+    the matmul dtype, h0 (B, H), b_hh and b_ih float32 -> out (T, B, H) float32, out in the matmul
+    dtype, and the gates saved for backward_loop: rz (T, B, 2H), n (T, B, H), ghn = W_hn h + b_hn
+    (T, B, H)."""
     seq, batch, three = gi.shape
     hid = three // 3
     f32 = dict(dtype=h0.dtype, device=h0.device)
@@ -42,9 +43,10 @@ def forward_loop(gi, h0, w_hh_t, b_hh):
     h, h_mm = h0, h0.to(gi.dtype)
     for t in range(seq):
         gh = torch.addmm(b_hh, h_mm, w_hh_t) if gi.dtype == b_hh.dtype else torch.mm(h_mm, w_hh_t).to(h.dtype) + b_hh
-        torch.sigmoid(gi[t, :, : 2 * hid] + gh[:, : 2 * hid], out=rz[t])
+        gi_t = gi[t] if b_ih is None else gi[t].to(h0.dtype) + b_ih
+        torch.sigmoid(gi_t[:, : 2 * hid] + gh[:, : 2 * hid], out=rz[t])
         ghn[t] = gh[:, 2 * hid :]
-        torch.tanh(torch.addcmul(gi[t, :, 2 * hid :], rz[t, :, :hid], ghn[t]), out=n[t])
+        torch.tanh(torch.addcmul(gi_t[:, 2 * hid :], rz[t, :, :hid], ghn[t]), out=n[t])
         h = torch.lerp(n[t], h, rz[t, :, hid:], out=out[t])  # n + z * (h - n)
         if out_mm is not out:
             out_mm[t] = h
@@ -93,9 +95,10 @@ class GRULayer(torch.autograd.Function):
     def _forward(ctx: Any, x, h0, w_ih, w_hh, b_ih, b_hh, mm_dtype):
         seq, batch, _ = x.shape
         x_mm, w_ih_mm = x.to(mm_dtype), w_ih.to(mm_dtype)
-        gi = torch.addmm(b_ih.to(mm_dtype), x_mm.reshape(seq * batch, -1), w_ih_mm.t()).view(seq, batch, -1)
+        # W_i x without b_i: the time loop adds it (float32), saving the matmul a pass over gi
+        gi = torch.mm(x_mm.reshape(seq * batch, -1), w_ih_mm.t()).view(seq, batch, -1)
         ctx.x_dtype = x.dtype
-        return _loop_forward(ctx, gi, h0, w_hh, b_hh, mm_dtype, (x_mm, w_ih_mm))
+        return _loop_forward(ctx, gi, h0, w_hh, b_hh, mm_dtype, (x_mm, w_ih_mm), b_ih)
 
     @staticmethod
     def backward(ctx: Any, d_out):  # type: ignore[override]
@@ -110,8 +113,8 @@ class GRUTableLayer(torch.autograd.Function):
     """The first layer read straight from the bytes: x (T, B) int64, h0 (B, H), the embedding
     (256, I) -> out (T, B, H), float32; what GRULayer computes from embedding[x].
 
-    Each position's input projection W_i e + b_i depends only on its byte, so it is a row of one
-    (256, 3H) table, E W_i^T + b_i: one small matmul instead of one over all T*B positions, and
+    Each position's input projection W_i e depends only on its byte, so it is a row of one
+    (256, 3H) table, E W_i^T (the loop adds b_i): one small matmul instead of one over all T*B positions, and
     backward sums each position's gradient into its byte's row (index_add) before two small
     matmuls give the embedding's and W_i's gradients. For T*B of 1,600 bytes at width 256 that
     is a fifth of a training step's arithmetic left out. Only without dropout on the embeddings,
@@ -123,9 +126,9 @@ class GRUTableLayer(torch.autograd.Function):
         with torch.autocast("cpu", enabled=False):
             seq, batch = x.shape
             e_mm, w_ih_mm = embed.to(mm_dtype), w_ih.to(mm_dtype)
-            table = torch.addmm(b_ih.to(mm_dtype), e_mm, w_ih_mm.t())  # (256, 3H)
+            table = torch.mm(e_mm, w_ih_mm.t())  # (256, 3H); b_i is added in the loop, as GRULayer's
             gi = table.index_select(0, x.reshape(-1)).view(seq, batch, -1)
-            return _loop_forward(ctx, gi, h0, w_hh, b_hh, mm_dtype, (x, e_mm, w_ih_mm))
+            return _loop_forward(ctx, gi, h0, w_hh, b_hh, mm_dtype, (x, e_mm, w_ih_mm), b_ih)
 
     @staticmethod
     def backward(ctx: Any, d_out):  # type: ignore[override]
@@ -137,14 +140,16 @@ class GRUTableLayer(torch.autograd.Function):
         return None, d_h0, d_embed, d_w_ih, d_w_hh, d_b_ih, d_b_hh, None
 
 
-def _loop_forward(ctx: Any, gi, h0, w_hh, b_hh, mm_dtype, keep: tuple) -> torch.Tensor:
-    """GRULayer's and GRUTableLayer's time loop from gi (T, B, 3H) = W_i x + b_i in the matmul dtype; saves `keep`
-    (what the input projection's gradients need) and the loop's tensors for _loop_backward."""
+def _loop_forward(ctx: Any, gi, h0, w_hh, b_hh, mm_dtype, keep: tuple, b_ih=None) -> torch.Tensor:
+    """GRULayer's and GRUTableLayer's time loop from gi (T, B, 3H) = W_i x (+ b_i where b_ih is
+    None) in the matmul dtype; saves `keep` (what the input projection's gradients need) and the
+    loop's tensors for _loop_backward."""
     w_hh_mm = w_hh.to(mm_dtype)
     w_hh_t = w_hh_mm.t().contiguous()  # the loop's small matmuls read a contiguous (H, 3H) fastest
     h0 = h0.to(w_hh.dtype).contiguous()
     ops = _native(mm_dtype)
-    out, out_mm, rz, n, ghn = (ops.gru_forward if ops else forward_loop)(gi, h0, w_hh_t, b_hh)
+    b_ih = None if b_ih is None else b_ih.to(w_hh.dtype)
+    out, out_mm, rz, n, ghn = (ops.gru_forward if ops else forward_loop)(gi, h0, w_hh_t, b_hh, b_ih)
     ctx.save_for_backward(*keep, h0, w_hh_mm, out, out_mm, rz, n, ghn)
     ctx.n_keep, ctx.param_dtype = len(keep), w_hh.dtype
     return out

@@ -2,7 +2,7 @@
 cached, and used where they load; PyTorch's own operations compute the same thing elsewhere.
 
     ops()     torch.ops.charlm (gru_forward, gru_backward, gru_decode, gemv_layout, draw, gru_write,
-              dropout_mask, threads, recurrent_matmul), or None
+              dropout_mask, log_softmax_rows and its backward, threads, recurrent_matmul), or None
     status()  one line: which path runs, and why
     matmuls() what the time loops' recurrent matmuls run on, in fp32 and bf16
 

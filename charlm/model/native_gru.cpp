@@ -3,7 +3,8 @@
 // Built on first use by charlm/model/native.py; where it cannot be built, charlm/model/fused_gru.py
 // runs the same loops with PyTorch's operations, with the same results (tests/test_native.py).
 //
-//   r = sigmoid(gi_r + W_hr h + b_hr)        gi = W_i x + b_i, for all steps at once (caller)
+//   r = sigmoid(gi_r + W_hr h + b_hr)        gi = W_i x + b_i, for all steps at once (the caller's
+//                                            matmul; b_i it may leave to the loop)
 //   z = sigmoid(gi_z + W_hz h + b_hz)
 //   n = tanh(gi_n + r * (W_hn h + b_hn))
 //   h' = n + z * (h - n)
@@ -109,10 +110,13 @@ template <typename F> void over_rows(int64_t rows, int64_t width, const F& body)
 }
 
 // One forward step for rows [b0, b1): reads gi (B, 3H), gh = W_h h (B, 3H), b_hh, h_prev;
-// writes the gates, the new state (float32) and its copy in the matmul dtype.
-template <typename M, typename G = M>
+// writes the gates, the new state (float32) and its copy in the matmul dtype. With kInBias, gi
+// is W_i x without its bias: b_hh then holds b_ir + b_hr, b_iz + b_hz and b_hn, and b_in is added
+// to gi's n part (the matmul that made gi had no bias to add, and adding it there costs a pass).
+template <typename M, typename G = M, bool kInBias = false>
 void forward_step(int64_t b0, int64_t b1, int64_t H, const M* gi, const G* gh, const float* b_hh,
-                  const float* h_prev, float* rz, float* n_out, float* ghn_out, float* h_out, M* h_mm) {
+                  const float* b_in, const float* h_prev, float* rz, float* n_out, float* ghn_out, float* h_out,
+                  M* h_mm) {
   for (int64_t b = b0; b < b1; ++b) {
     const M* gib = gi + b * 3 * H;
     const G* ghb = gh + b * 3 * H;
@@ -128,7 +132,7 @@ void forward_step(int64_t b0, int64_t b1, int64_t H, const M* gi, const G* gh, c
       float r = sigmoid(f32(gib[j]) + f32(ghb[j]) + b_hh[j]);
       float z = sigmoid(f32(gib[H + j]) + f32(ghb[H + j]) + b_hh[H + j]);
       float ghn = f32(ghb[2 * H + j]) + b_hh[2 * H + j];
-      float n = tanh_(f32(gib[2 * H + j]) + r * ghn);
+      float n = tanh_(f32(gib[2 * H + j]) + (kInBias ? b_in[j] : 0.f) + r * ghn);
       float h = n + z * (hp[j] - n);
       r_[j] = r;
       z_[j] = z;
@@ -295,7 +299,8 @@ Tensor for_tiles(const Tensor& w_, int64_t tiles, int64_t qs, int64_t cs, int64_
 // runs every step for them alone: the recurrent matmul, U hidden units of each gate at a time,
 // into gh (float32), then the gates.
 template <typename M>
-void forward_rows(int64_t T, int64_t B, int64_t H, const M* gi, const M* w, const float* b_hh, const float* h0,
+void forward_rows(int64_t T, int64_t B, int64_t H, const M* gi, const M* w, const float* b_hh, const float* b_in,
+                  const float* h0,
                   const M* h0_mm, float* rz, float* n, float* ghn, float* out, M* out_mm) {
   const int64_t blocks = (B + kRows - 1) / kRows;
   at::parallel_for(0, blocks, 1, [&](int64_t blk0, int64_t blk1) {
@@ -314,8 +319,15 @@ void forward_rows(int64_t T, int64_t B, int64_t H, const M* gi, const M* w, cons
         }
       }
       const int64_t o = t * B * H;
-      forward_step<M, float>(begin, end, H, gi + t * B * 3 * H, gh.data() - begin * 3 * H, b_hh,
-                             t == 0 ? h0 : out + o - B * H, rz + 2 * o, n + o, ghn + o, out + o, out_mm + o);
+      const float* h_prev = t == 0 ? h0 : out + o - B * H;
+      const M* gi_t = gi + t * B * 3 * H;
+      const float* gh_t = gh.data() - begin * 3 * H;
+      if (b_in)
+        forward_step<M, float, true>(begin, end, H, gi_t, gh_t, b_hh, b_in, h_prev, rz + 2 * o, n + o, ghn + o,
+                                     out + o, out_mm + o);
+      else
+        forward_step<M, float>(begin, end, H, gi_t, gh_t, b_hh, nullptr, h_prev, rz + 2 * o, n + o, ghn + o,
+                               out + o, out_mm + o);
     }
   });
 }
@@ -331,18 +343,18 @@ void backward_rows(int64_t T, int64_t B, int64_t H, const float* d_out, const fl
     alignas(64) float acc[kRows][2][U];
     float* my_sums = sums + at::get_thread_num() * 4 * H;
     const int64_t end = std::min(B, blk1 * kRows);
+    const int64_t begin = blk0 * kRows;
     for (int64_t t = T - 1; t >= 0; --t) {
       const float* h_prev = t == 0 ? h0 : out + (t - 1) * B * H;
-      for (int64_t r0 = blk0 * kRows; r0 < end; r0 += kRows) {
-        const int64_t r1 = std::min(end, r0 + kRows);
-        backward_step<M, float>(r0, r1, H, d_out + t * B * H, t == T - 1 ? nullptr : back, dhz, rz + t * B * 2 * H,
-                                n + t * B * H, ghn + t * B * H, h_prev, d_gi + t * B * 3 * H, d_gh + t * B * 3 * H,
-                                my_sums);
-        const M* dg = d_gh + (t * B + r0) * 3 * H;
-        for (int64_t c = 0; c < H; c += 2 * U) {
-          const M* slab = w + c * 3 * H;  // tile c / 2U: columns [c, c + 2U), over 3H rows
-          tile_rows<2>(static_cast<int>(r1 - r0), dg, 3 * H, 3 * H, slab, acc);
-          for (int64_t i = 0; i < r1 - r0; ++i) std::memcpy(back + (r0 + i) * H + c, acc[i], sizeof acc[i]);
+      backward_step<M, float>(begin, end, H, d_out + t * B * H, t == T - 1 ? nullptr : back, dhz, rz + t * B * 2 * H,
+                              n + t * B * H, ghn + t * B * H, h_prev, d_gi + t * B * 3 * H, d_gh + t * B * 3 * H,
+                              my_sums);
+      for (int64_t c = 0; c < H; c += 2 * U) {
+        const M* slab = w + c * 3 * H;  // tile c / 2U: columns [c, c + 2U), over 3H rows
+        for (int64_t r0 = begin; r0 < end; r0 += kRows) {
+          const int64_t r = std::min<int64_t>(end - r0, kRows);
+          tile_rows<2>(static_cast<int>(r), d_gh + (t * B + r0) * 3 * H, 3 * H, 3 * H, slab, acc);
+          for (int64_t i = 0; i < r; ++i) std::memcpy(back + (r0 + i) * H + c, acc[i], sizeof acc[i]);
         }
       }
     }
@@ -384,14 +396,24 @@ std::string recurrent_matmul(const std::string& mm_type) {
 #endif
 }
 
-// gi (T, B, 3H) and w_hh_t (H, 3H) in the matmul dtype, h0 (B, H) and b_hh (3H) float32
-// -> out (T, B, H) float32, out in the matmul dtype (the same tensor in float32), and the saved
-// gates rz (T, B, 2H), n (T, B, H), ghn = W_hn h + b_hn (T, B, H).
+// gi (T, B, 3H) and w_hh_t (H, 3H) in the matmul dtype, h0 (B, H), b_hh (3H) and b_ih (3H, or
+// None where gi holds it already) float32 -> out (T, B, H) float32, out in the matmul dtype (the
+// same tensor in float32), and the saved gates rz (T, B, 2H), n (T, B, H), ghn = W_hn h + b_hn
+// (T, B, H).
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gru_forward(const Tensor& gi_, const Tensor& h0_,
-                                                               const Tensor& w_hh_t, const Tensor& b_hh_) {
+                                                               const Tensor& w_hh_t, const Tensor& b_hh_,
+                                                               const std::optional<Tensor>& b_ih_) {
   TORCH_CHECK(gi_.dim() == 3 && h0_.dim() == 2, "gru_forward: gi (T, B, 3H) and h0 (B, H)");
-  const Tensor gi = gi_.contiguous(), h0 = h0_.contiguous().to(at::kFloat), b_hh = b_hh_.contiguous().to(at::kFloat);
+  const Tensor gi = gi_.contiguous(), h0 = h0_.contiguous().to(at::kFloat);
   const int64_t T = gi.size(0), B = gi.size(1), H = h0.size(1);
+  // with b_ih: b_hh's r and z parts carry b_ir and b_iz as well, and b_in goes to the n part of gi
+  Tensor b_hh = b_hh_.contiguous().to(at::kFloat), b_in;
+  if (b_ih_.has_value()) {
+    const Tensor b_ih = b_ih_->contiguous().to(at::kFloat);
+    b_hh = at::cat({b_hh.narrow(0, 0, 2 * H) + b_ih.narrow(0, 0, 2 * H), b_hh.narrow(0, 2 * H, H)});
+    b_in = b_ih.narrow(0, 2 * H, H).contiguous();
+  }
+  const float* b_in_p = b_in.defined() ? b_in.const_data_ptr<float>() : nullptr;
   const auto mm_type = gi.scalar_type();
   TORCH_CHECK(w_hh_t.scalar_type() == mm_type, "gru_forward: gi and w_hh_t must share a dtype");
   auto f = h0.options();
@@ -405,7 +427,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gru_forward(const Tensor& gi_
     rows_float_or_bf16(mm_type, [&](auto zero) {
       using scalar_t = decltype(zero);
       forward_rows<scalar_t>(T, B, H, gi.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
-                             b_hh.const_data_ptr<float>(), h0.const_data_ptr<float>(), h_mm0.const_data_ptr<scalar_t>(),
+                             b_hh.const_data_ptr<float>(), b_in_p, h0.const_data_ptr<float>(),
+                             h_mm0.const_data_ptr<scalar_t>(),
                              rz.data_ptr<float>(), n.data_ptr<float>(), ghn.data_ptr<float>(), out.data_ptr<float>(),
                              out_mm.data_ptr<scalar_t>());
     });
@@ -427,8 +450,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gru_forward(const Tensor& gi_
       float* out_t = out.data_ptr<float>() + t * B * H;
       scalar_t* mm_t = out_mm.data_ptr<scalar_t>() + t * B * H;
       over_rows(B, 3 * H, [&](int64_t b0, int64_t b1) {
-        forward_step<scalar_t>(b0, b1, H, gi_t, gh_p, b_hh.const_data_ptr<float>(), h_prev, rz_t, n_t, ghn_t,
-                               out_t, mm_t);
+        const float* bias = b_hh.const_data_ptr<float>();
+        if (b_in_p)
+          forward_step<scalar_t, scalar_t, true>(b0, b1, H, gi_t, gh_p, bias, b_in_p, h_prev, rz_t, n_t, ghn_t,
+                                                 out_t, mm_t);
+        else
+          forward_step<scalar_t>(b0, b1, H, gi_t, gh_p, bias, nullptr, h_prev, rz_t, n_t, ghn_t, out_t, mm_t);
       });
     }
   });
@@ -708,7 +735,8 @@ std::tuple<Tensor, Tensor> gru_decode(const Tensor& byte, const Tensor& h, const
     Tensor out = h_new[k];
     over_rows(N, 3 * H, [&](int64_t b0, int64_t b1) {
       forward_step<float>(b0, b1, H, gi.const_data_ptr<float>(), gh_all[k].const_data_ptr<float>(),
-                          b_hh[k].const_data_ptr<float>(), h[k].const_data_ptr<float>(), rz.data_ptr<float>(),
+                          b_hh[k].const_data_ptr<float>(), nullptr, h[k].const_data_ptr<float>(),
+                          rz.data_ptr<float>(),
                           n.data_ptr<float>(), g.data_ptr<float>(), out.data_ptr<float>(), out.data_ptr<float>());
     });
     x = out;
@@ -837,6 +865,94 @@ Tensor dropout_mask(const Tensor& like, double p, int64_t seed) {
   return mask;
 }
 
+// The output layer's log-softmax in training: lp = log_softmax(logits + bias) over each row, one
+// pass over logits (N, V) in the matmul dtype (the head's matmul had no bias to add); bias and lp
+// float32. The sums run in 16 lanes, so that they vectorize.
+constexpr int kLanes = 16;
+
+template <typename M>
+void log_softmax_rows_(const M* logits, const float* bias, float* lp, int64_t N, int64_t V) {
+  at::parallel_for(0, N, std::max<int64_t>(1, kGrain / V), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const M* in = logits + r * V;
+      float* out = lp + r * V;
+      float top[kLanes], sum[kLanes];
+      for (int k = 0; k < kLanes; ++k) top[k] = -INFINITY, sum[k] = 0.f;
+      const int64_t whole = V - V % kLanes;
+      for (int64_t j = 0; j < whole; j += kLanes)
+        for (int k = 0; k < kLanes; ++k) {
+          const float v = f32(in[j + k]) + bias[j + k];
+          out[j + k] = v;
+          top[k] = std::max(top[k], v);
+        }
+      for (int64_t j = whole; j < V; ++j) {
+        out[j] = f32(in[j]) + bias[j];
+        top[0] = std::max(top[0], out[j]);
+      }
+      float most = top[0];
+      for (int k = 1; k < kLanes; ++k) most = std::max(most, top[k]);
+      for (int64_t j = 0; j < whole; j += kLanes)
+        for (int k = 0; k < kLanes; ++k) sum[k] += fast_exp(out[j + k] - most);
+      for (int64_t j = whole; j < V; ++j) sum[0] += fast_exp(out[j] - most);
+      float total = 0.f;
+      for (int k = 0; k < kLanes; ++k) total += sum[k];
+      const float shift = most + std::log(total);
+      for (int64_t j = 0; j < V; ++j) out[j] -= shift;
+    }
+  });
+}
+
+// logits (N, V) in the matmul dtype, bias (V) -> log_softmax(logits + bias, -1), float32.
+Tensor log_softmax_rows(const Tensor& logits_, const Tensor& bias_) {
+  const Tensor logits = logits_.contiguous(), bias = bias_.contiguous().to(at::kFloat);
+  TORCH_CHECK(logits.dim() == 2 && bias.numel() == logits.size(1), "log_softmax_rows: logits (N, V), bias (V)");
+  Tensor lp = at::empty(logits.sizes(), logits.options().dtype(at::kFloat));
+  CHARLM_FLOAT_OR_BF16(logits.scalar_type(), "log_softmax_rows", [&] {
+    log_softmax_rows_<scalar_t>(logits.const_data_ptr<scalar_t>(), bias.const_data_ptr<float>(),
+                                lp.data_ptr<float>(), logits.size(0), logits.size(1));
+  });
+  return lp;
+}
+
+template <typename M>
+void log_softmax_rows_backward_(const float* g, const float* l, M* d, float* all_sums, int64_t N, int64_t V) {
+  at::parallel_for(0, N, std::max<int64_t>(1, kGrain / V), [&](int64_t r0, int64_t r1) {
+    float* my_sums = all_sums + at::get_thread_num() * V;
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* gr = g + r * V;
+      const float* lr = l + r * V;
+      M* dr = d + r * V;
+      float part[kLanes] = {};
+      const int64_t whole = V - V % kLanes;
+      for (int64_t j = 0; j < whole; j += kLanes)
+        for (int k = 0; k < kLanes; ++k) part[k] += gr[j + k];
+      for (int64_t j = whole; j < V; ++j) part[0] += gr[j];
+      float total = 0.f;
+      for (int k = 0; k < kLanes; ++k) total += part[k];
+#pragma GCC ivdep
+      for (int64_t j = 0; j < V; ++j) {
+        const float v = gr[j] - fast_exp(lr[j]) * total;
+        put(dr, j, v);
+        my_sums[j] += v;
+      }
+    }
+  });
+}
+
+// Its backward: d_lp, lp (N, V) float32 -> d_logits = d_lp - softmax * rowsum(d_lp) in the dtype
+// of `like` (the matmul's), and the bias gradient, d_logits summed over the rows (float32).
+std::tuple<Tensor, Tensor> log_softmax_rows_backward(const Tensor& d_lp_, const Tensor& lp_, const Tensor& like) {
+  const Tensor d_lp = d_lp_.contiguous().to(at::kFloat), lp = lp_.contiguous();
+  const int64_t N = lp.size(0), V = lp.size(1);
+  Tensor d_logits = at::empty({N, V}, lp.options().dtype(like.scalar_type()));
+  Tensor sums = at::zeros({at::get_num_threads(), V}, lp.options());
+  CHARLM_FLOAT_OR_BF16(like.scalar_type(), "log_softmax_rows_backward", [&] {
+    log_softmax_rows_backward_<scalar_t>(d_lp.const_data_ptr<float>(), lp.const_data_ptr<float>(),
+                                         d_logits.data_ptr<scalar_t>(), sums.data_ptr<float>(), N, V);
+  });
+  return {d_logits, sums.sum(0)};
+}
+
 // How many threads the parallel loops above run on: at::parallel_for is compiled into this file, and
 // without OpenMP (-fopenmp) it would run every loop on one thread.
 int64_t threads() {
@@ -860,6 +976,8 @@ TORCH_LIBRARY(charlm, m) {
   m.def("draw", &draw);
   m.def("gru_write", &gru_write);
   m.def("dropout_mask", &dropout_mask);
+  m.def("log_softmax_rows", &log_softmax_rows);
+  m.def("log_softmax_rows_backward", &log_softmax_rows_backward);
   m.def("threads", &threads);
   m.def("recurrent_matmul", &recurrent_matmul);
 }

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from charlm.config import ModelConfig
+from charlm.model import head
 from charlm.model.dropout import dropout
 from charlm.model.fused_gru import can_fuse, fused_gru
 from charlm.model.gru import ResetBeforeGRU
@@ -77,7 +78,10 @@ class CharLM(nn.Module):
                 and can_fuse(self.gru, self.embed.weight))
 
     def _head(self, out: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.head(dropout(out, self.config.dropout, self.training))  # (B, T, 256)
+        x = dropout(out, self.config.dropout, self.training)
+        if head.can_fuse(self.head, x):  # the same, in fewer passes over the logits
+            return head.log_softmax_head(self.head, x), h.float()
+        logits = self.head(x)  # (B, T, 256)
         # at least float32 for the normalisation (a half-precision autocast would lose mass), and
         # a float32 state to carry, whatever precision computed it
         log_probs = torch.log_softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
