@@ -21,7 +21,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,7 @@ from torch import nn
 from charlm.config import BenchConfig, ModelConfig, TrainConfig
 from charlm.device import choose_precision, keep_freed_memory, matmul_micros, resolve_device
 from charlm.inference.sampling import generate
-from charlm.model import native
+from charlm.model import fp32_matmul, native
 from charlm.model.network import CharLM
 from charlm.training.step import make_optimizer, train_step
 
@@ -107,7 +107,7 @@ class Peak:
         }
         self.matmul: dict[str, Callable] = {"fp32": torch.mm, "bf16": torch.mm}
         self.fp32_by, self.mm_fp32 = "torch.mm", 0.0  # which fp32 matmul; torch.mm's rate where it lost
-        onednn = _onednn_fp32(device)
+        onednn = fp32_matmul.onednn_matmul() if device.type == "cpu" else None
         if onednn is not None:
             a, b = self.operands["fp32"]
             mm_s, onednn_s = (min(_time(lambda f=f: f(a, b), device) for _ in range(3)) for f in (torch.mm, onednn))
@@ -136,19 +136,6 @@ class Peak:
     def best_since(self, name: str, mark: dict[str, int]) -> float:
         """The best measurement since mark() was called."""
         return max(self.rates[name][mark[name]:])
-
-
-def _onednn_fp32(device: torch.device) -> Optional[Callable]:
-    """oneDNN's fp32 matmul, (a, b) -> a @ b.T (the same work as a @ b), where this PyTorch has it
-    on the CPU, else None."""
-    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
-        return None
-    try:
-        op = torch.ops.mkldnn._linear_pointwise
-        op(torch.ones(2, 2), torch.ones(2, 2), None, "none", [], "")
-    except (AttributeError, RuntimeError):
-        return None
-    return lambda a, b: op(a, b, None, "none", [], "")
 
 
 def _rows(args: BenchConfig) -> list[tuple[str, int, int, int, int, bool]]:

@@ -25,6 +25,7 @@ from torch import nn
 
 from charlm.model import native
 from charlm.model.dropout import dropout
+from charlm.model.fp32_matmul import mm, mm_tn
 from charlm.model.gru import layer_weights
 
 
@@ -96,7 +97,7 @@ class GRULayer(torch.autograd.Function):
         seq, batch, _ = x.shape
         x_mm, w_ih_mm = x.to(mm_dtype), w_ih.to(mm_dtype)
         # W_i x without b_i: the time loop adds it (float32), saving the matmul a pass over gi
-        gi = torch.mm(x_mm.reshape(seq * batch, -1), w_ih_mm.t()).view(seq, batch, -1)
+        gi = mm(x_mm.reshape(seq * batch, -1), w_ih_mm.t()).view(seq, batch, -1)
         ctx.x_dtype = x.dtype
         return _loop_forward(ctx, gi, h0, w_hh, b_hh, mm_dtype, (x_mm, w_ih_mm), b_ih)
 
@@ -104,8 +105,8 @@ class GRULayer(torch.autograd.Function):
     def backward(ctx: Any, d_out):  # type: ignore[override]
         (x_mm, w_ih_mm), flat_gi, d_h0, d_w_hh, d_b_ih, d_b_hh = _loop_backward(ctx, d_out)
         seq, batch, _ = x_mm.shape
-        d_x = (flat_gi @ w_ih_mm).view(seq, batch, -1).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
-        d_w_ih = (flat_gi.t() @ x_mm.reshape(seq * batch, -1)).to(ctx.param_dtype)
+        d_x = mm(flat_gi, w_ih_mm).view(seq, batch, -1).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+        d_w_ih = mm_tn(flat_gi, x_mm.reshape(seq * batch, -1)).to(ctx.param_dtype)
         return d_x, d_h0, d_w_ih, d_w_hh, d_b_ih, d_b_hh, None
 
 
@@ -167,7 +168,7 @@ def _loop_backward(ctx: Any, d_out) -> tuple:
         d_out, h0, out, rz, n, ghn, w_hh_mm)
     flat_gh = d_gh.view(seq * batch, 3 * hid)
     h_prev = out_mm[:-1].reshape(-1, hid)  # the state each step's recurrent matmul read
-    d_w_hh = torch.addmm(d_gh[0].t() @ h0.to(w_hh_mm.dtype), flat_gh[batch:].t(), h_prev)
+    d_w_hh = mm_tn(flat_gh[batch:], h_prev) + d_gh[0].t() @ h0.to(w_hh_mm.dtype)
     like = ctx.param_dtype
     return keep, d_gi.view(seq * batch, 3 * hid), d_h0.to(like), d_w_hh.to(like), d_b_ih.to(like), d_b_hh.to(like)
 

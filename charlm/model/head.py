@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from charlm.model import native
+from charlm.model.fp32_matmul import mm, mm_tn
 
 
 class LogSoftmaxHead(torch.autograd.Function):
@@ -28,7 +29,7 @@ class LogSoftmaxHead(torch.autograd.Function):
             # one pass: x's layout (often a transposed view) to rows, in the matmul dtype
             x_mm = torch.empty(x.shape, dtype=mm_dtype, device=x.device).copy_(x).view(-1, x.size(-1))
             w_mm = weight.to(mm_dtype)
-            log_probs = ops.log_softmax_rows(torch.mm(x_mm, w_mm.t()), bias)
+            log_probs = ops.log_softmax_rows(mm(x_mm, w_mm.t()), bias)
         ctx.save_for_backward(x_mm, w_mm, log_probs)
         ctx.x_shape, ctx.x_stride, ctx.param_dtype = x.shape, x.stride(), weight.dtype
         return log_probs.view(*x.shape[:-1], -1)
@@ -41,8 +42,8 @@ class LogSoftmaxHead(torch.autograd.Function):
         d_x = None
         if ctx.needs_input_grad[0]:  # in x's own layout, so that the GRU's backward reads it as is
             d_x = torch.empty_strided(ctx.x_shape, ctx.x_stride, dtype=ctx.param_dtype, device=x_mm.device)
-            d_x.copy_((d_logits @ w_mm).view(ctx.x_shape))
-        d_weight = (d_logits.t() @ x_mm).to(ctx.param_dtype)
+            d_x.copy_(mm(d_logits, w_mm).view(ctx.x_shape))
+        d_weight = mm_tn(d_logits, x_mm).to(ctx.param_dtype)
         return d_x, d_weight, d_bias.to(ctx.param_dtype), None
 
 
