@@ -53,14 +53,19 @@ class CharLM(nn.Module):
         if self.reads_a_table(x):  # layer 0's input projection as a table of the bytes
             out, h = fused_gru(self.gru, x, h, embed=self.embed.weight)  # (B, T, D), (L, B, D)
             return self._head(out, h)
-        e = dropout(self.embed(x), self.config.dropout if self.config.embed_dropout else 0.0, self.training)
+        p = self.config.dropout if self.config.embed_dropout else 0.0
+        if self.config.cell == "reset_after" and can_fuse(self.gru, self.embed.weight):
+            # looked up time-major, the order fused_gru runs in: no transposing copy either way,
+            # and the embedding's gradient is summed from contiguous rows
+            e = dropout(self.embed(x.t()), p, self.training).transpose(0, 1)
+            out, h = fused_gru(self.gru, e, h)  # (B, T, D), (L, B, D)
+            return self._head(out, h)
+        e = dropout(self.embed(x), p, self.training)
         if self.config.cell == "lstm":
             hc = None if h is None else tuple(s.contiguous() for s in h.float().chunk(2, dim=-1))
             with torch.autocast("cuda", enabled=False) if e.is_cuda and torch.is_autocast_enabled("cuda") else _same():
                 out, (h_n, c_n) = _run_lstm(self.lstm, e.float() if e.is_cuda else e, hc)  # cuDNN stays float32
             h = torch.cat([h_n, c_n], dim=-1)  # (L, B, 2D)
-        elif can_fuse(self.gru, e):
-            out, h = fused_gru(self.gru, e, h)  # (B, T, D), (L, B, D)
         elif isinstance(self.gru, nn.GRU) and e.is_cuda and torch.is_autocast_enabled("cuda"):
             # Autocast runs cuDNN's RNN in float16 whatever dtype it was asked for (no loss
             # scaling, a half-precision state): this GRU stays float32 (charlm.device).
