@@ -115,11 +115,11 @@ class GRUTableLayer(torch.autograd.Function):
     (256, I) -> out (T, B, H), float32; what GRULayer computes from embedding[x].
 
     Each position's input projection W_i e depends only on its byte, so it is a row of one
-    (256, 3H) table, E W_i^T (the loop adds b_i): one small matmul instead of one over all T*B positions, and
-    backward sums each position's gradient into its byte's row (index_add) before two small
-    matmuls give the embedding's and W_i's gradients. For T*B of 1,600 bytes at width 256 that
-    is a fifth of a training step's arithmetic left out. Only without dropout on the embeddings,
-    which would make every position's input its own.
+    (256, 3H) table, E W_i^T (the loop adds b_i): one small matmul instead of one over all T*B
+    positions, and backward sums each position's gradient into its byte's row (index_add) before
+    two small matmuls give the embedding's and W_i's gradients. For T*B of 1,600 bytes at width
+    256 that is a fifth of a training step's arithmetic left out. Only without dropout on the
+    embeddings, which would make every position's input its own.
     """
 
     @staticmethod
