@@ -89,9 +89,9 @@ class Peak:
     whenever measure() is called, so that each row of the table is set against the peak measured
     beside it (on a shared machine the peak itself drifts from minute to minute).
 
-    fp32 on the CPU is the faster of torch.mm (MKL's sgemm in PyTorch's builds) and oneDNN's fp32
-    matmul: MKL runs its AVX2 code on AMD CPUs, half of what a Zen 5's AVX-512 units do, and
-    charlm's own AVX-512 kernels would otherwise show more than 100% of the peak."""
+    fp32 runs in the library the trainer's fp32 matmuls use (charlm/model/fp32_matmul.py: oneDNN
+    where it is clearly faster than torch.mm's MKL, as on AMD's Zen 5, where MKL runs AVX2 code and
+    charlm's own AVX-512 kernels showed more than 100% of torch.mm's peak)."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -105,15 +105,7 @@ class Peak:
                         for _ in range(2))
             for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))
         }
-        self.matmul: dict[str, Callable] = {"fp32": torch.mm, "bf16": torch.mm}
-        self.fp32_by, self.mm_fp32 = "torch.mm", 0.0  # which fp32 matmul; torch.mm's rate where it lost
-        onednn = fp32_matmul.onednn_matmul() if device.type == "cpu" else None
-        if onednn is not None:
-            a, b = self.operands["fp32"]
-            mm_s, onednn_s = (min(_time(lambda f=f: f(a, b), device) for _ in range(3)) for f in (torch.mm, onednn))
-            if onednn_s < mm_s:
-                self.matmul["fp32"], self.fp32_by = onednn, "oneDNN"
-                self.mm_fp32 = 2 * self.size["fp32"] ** 3 / mm_s / 1e9
+        self.matmul: dict[str, Callable] = {"fp32": fp32_matmul.mm, "bf16": torch.mm}
         self.rates: dict[str, list[float]] = {"fp32": [], "bf16": []}
         for name in self.rates:  # warm up
             self.matmul[name](*self.operands[name])
@@ -287,7 +279,7 @@ def _bench(args: BenchConfig) -> int:
         print(f"GRU time loops: {native.status()}" + (f"; {native.matmuls()}" if native.ops() else ""))
     peak = Peak(device)
     fp32, bf16 = peak.best("fp32"), peak.best("bf16")
-    fp32_by = f" by oneDNN (torch.mm's {peak.mm_fp32:.0f})" if peak.fp32_by == "oneDNN" else ""
+    fp32_by = f" by {fp32_matmul.library()}" if device.type == "cpu" else ""
     print(f"matmul peak at the start, best of 5 {peak.size['fp32']}^3 matmuls: fp32 {fp32:.0f} GFLOP/s{fp32_by}, bf16 "
           + (f"{bf16:.2f} GFLOP/s (no faster than fp32 on this CPU, {peak.size['bf16']}^3)" if peak.slow_bf16
              else f"{bf16:.0f} GFLOP/s")

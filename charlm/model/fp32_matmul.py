@@ -4,8 +4,8 @@ torch.mm's float32 matmul is MKL's sgemm in PyTorch's x86 builds, and MKL runs i
 AMD CPUs: on a Zen 5 EPYC, whose AVX-512 units do twice the work of AVX2's, oneDNN's fp32 matmul
 (which PyTorch also carries, as torch.ops.mkldnn._linear_pointwise) reached 427 GFLOP/s at the
 default model's shapes against MKL's 188. Which is faster is measured once per process, on a
-shape of the default model's, and oneDNN is taken only for a clear win; elsewhere (Intel, where
-MKL uses AVX-512; AVX2-only CPUs; no oneDNN) everything stays torch.mm. bfloat16 matmuls go to
+shape of the default model's, and oneDNN is taken only for a clear win; elsewhere (where MKL's
+code is as fast, oneDNN limited to AVX2, no oneDNN) everything stays torch.mm. bfloat16 matmuls go to
 oneDNN through torch.mm already. The results are float32 matmuls either way, equal to rounding.
 """
 from __future__ import annotations

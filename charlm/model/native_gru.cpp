@@ -333,7 +333,8 @@ void forward_rows(int64_t T, int64_t B, int64_t H, const M* gi, const M* w, cons
 }
 
 // The backward time loop, a block of rows per thread as in forward_rows: a step's gradients for
-// a tile's rows, then those rows' d_gh @ W_h (float32), which the step before reads.
+// all of the thread's rows, then their d_gh @ W_h (float32), which the step before reads, each
+// weight tile taken once for all those rows (its 3H x 2U floats are read from cache once a step).
 template <typename M>
 void backward_rows(int64_t T, int64_t B, int64_t H, const float* d_out, const float* h0, const float* out,
                    const float* rz, const float* n, const float* ghn, const M* w, M* d_gi, M* d_gh, float* dhz,
