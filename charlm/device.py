@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from charlm.errors import CharlmError
-from charlm.model import fp32_matmul
+from charlm.model import matmuls
 
 
 def resolve_device(name: str, key: str = "device") -> torch.device:
@@ -133,7 +133,7 @@ def matmul_micros(dtype: torch.dtype, n: int = 256, reps: int = 20) -> float:
     best = float("inf")
     for _ in range(reps):
         t = time.perf_counter()
-        fp32_matmul.mm(a, b)  # float32 as training runs it: oneDNN's where that is faster than torch.mm
+        matmuls.mm(a, b)  # float32 as training runs it: oneDNN's where that is faster than torch.mm
         best = min(best, time.perf_counter() - t)
     return best * 1e6
 

@@ -85,6 +85,35 @@ def test_the_recurrent_matmuls_run_in_charlms_micro_kernel_where_the_cpu_has_the
     assert "recurrent matmuls: fp32 by charlm's" in native.matmuls()
 
 
+def _pair_kernel_built() -> bool:
+    """Whether mm_tn's pair kernel is built here: the same build as the bf16 micro-kernel's."""
+    return ops.recurrent_matmul("bfloat16") == "avx512_bf16"
+
+
+@needs_native
+# whole tiles on both threads; a thread's columns not a multiple of 32 (packed 8 at a time); an
+# odd K (the last pair half zeros); one row; none; shapes the pair kernel does not take
+@pytest.mark.parametrize("k,m,n", [(300, 96, 64), (301, 24, 64), (37, 16, 32), (1, 8, 32), (0, 8, 32),
+                                   (200, 12, 64), (200, 16, 40)])
+def test_the_weight_gradient_matmul_equals_the_float32_product_of_its_bfloat16_operands(k, m, n):
+    """mm_tn(a, b) = a^T b (a weight gradient: positions x features on both sides), float32 out.
+    Through the pair kernel (M a multiple of 8, N of 32, where it is built) the sums stay float32
+    to the end: within float32 rounding of the exact product, which at::mm's bfloat16 result is
+    not; elsewhere at::mm's, rounded once to bfloat16."""
+    g = torch.Generator().manual_seed(k)
+    a = torch.randn(k, m, generator=g).bfloat16()
+    b = torch.randn(n, k, generator=g).bfloat16().t()  # a transposed view: read as its values
+    out = ops.mm_tn(a, b)
+    assert out.dtype == torch.float32 and out.shape == (m, n)
+    exact = a.double().t() @ b.double()
+    pairs = _pair_kernel_built() and m % 8 == 0 and n % 32 == 0
+    tol = 1e-5 if pairs else 1e-2
+    torch.testing.assert_close(out.double(), exact, rtol=tol, atol=tol * max(1, k) ** 0.5)
+    if pairs and k >= 37:  # at::mm's rounding to bfloat16 is outside that tolerance
+        rounded = (a.t() @ b).double()
+        assert not torch.allclose(rounded, exact, rtol=tol, atol=tol * k**0.5)
+
+
 @pytest.fixture(params=["native", "pytorch"])
 def gru_path(request, monkeypatch):
     """fused_gru's time loops in the kernels, or in PyTorch's operations."""

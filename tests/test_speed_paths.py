@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from charlm import CharLM, ModelConfig
 from charlm.checkpoint import load_checkpoint
 from charlm.inference.scoring import evaluate_loss
-from charlm.model import fp32_matmul, native
 from charlm.model import fused_gru as fused_module
 from charlm.model import head as head_module
+from charlm.model import matmuls, native
 from charlm.model.fused_gru import can_fuse, fused_gru
 from charlm.model.stepping import Stepper
 from charlm.training.schedule import budget_lr_factor
@@ -151,20 +151,24 @@ def test_the_fused_head_computes_what_nn_linear_and_log_softmax_do(bf16, monkeyp
 
 @pytest.mark.parametrize("route", ["oneDNN", "torch.mm"])
 def test_the_fp32_training_matmuls_equal_torch_mm_by_either_library(route, monkeypatch):
-    onednn = fp32_matmul.onednn_matmul()
+    onednn = matmuls.onednn_matmul()
     if route == "oneDNN" and onednn is None:
         pytest.skip("this PyTorch has no oneDNN fp32 matmul")
-    monkeypatch.setitem(fp32_matmul._state, "mm", onednn if route == "oneDNN" else None)
-    monkeypatch.setitem(fp32_matmul._state, "why", route)
-    assert fp32_matmul.library() == route
+    monkeypatch.setitem(matmuls._state, "mm", onednn if route == "oneDNN" else None)
+    monkeypatch.setitem(matmuls._state, "why", route)
+    assert matmuls.library() == route
     g = torch.Generator().manual_seed(0)
     x, w, d = (torch.randn(*shape, generator=g) for shape in ((300, 48), (144, 48), (300, 144)))
-    torch.testing.assert_close(fp32_matmul.mm(x, w.t()), x @ w.t(), rtol=1e-5, atol=1e-5)  # an input projection
-    torch.testing.assert_close(fp32_matmul.mm(d, w), d @ w, rtol=1e-5, atol=1e-5)  # its input gradient
+    torch.testing.assert_close(matmuls.mm(x, w.t()), x @ w.t(), rtol=1e-5, atol=1e-5)  # an input projection
+    torch.testing.assert_close(matmuls.mm(d, w), d @ w, rtol=1e-5, atol=1e-5)  # its input gradient
     # its weight gradient: sums of 300 terms
-    torch.testing.assert_close(fp32_matmul.mm_tn(d, x), d.t() @ x, rtol=1e-5, atol=1e-4)
-    bf = fp32_matmul.mm(x.bfloat16(), w.t().bfloat16())  # bfloat16 stays torch.mm's
+    torch.testing.assert_close(matmuls.mm_tn(d, x), d.t() @ x, rtol=1e-5, atol=1e-4)
+    bf = matmuls.mm(x.bfloat16(), w.t().bfloat16())  # bfloat16 stays torch.mm's
     assert bf.dtype == torch.bfloat16 and torch.equal(bf, x.bfloat16() @ w.t().bfloat16())
+    # a bfloat16 weight gradient: the fused kernels' mm_tn where they load (float32 sums), else torch.mm's
+    d_w = matmuls.mm_tn(d.bfloat16(), x.bfloat16())
+    assert d_w.dtype == (torch.float32 if native.ops() is not None else torch.bfloat16)
+    torch.testing.assert_close(d_w.float(), d.bfloat16().float().t() @ x.bfloat16().float(), rtol=1e-2, atol=1e-1)
 
 
 def test_the_table_is_read_only_where_nothing_drops_the_embeddings():

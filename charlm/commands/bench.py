@@ -30,7 +30,7 @@ from torch import nn
 from charlm.config import BenchConfig, ModelConfig, TrainConfig
 from charlm.device import choose_precision, keep_freed_memory, matmul_micros, resolve_device
 from charlm.inference.sampling import generate
-from charlm.model import fp32_matmul, native
+from charlm.model import matmuls, native
 from charlm.model.network import CharLM
 from charlm.training.step import make_optimizer, train_step
 
@@ -89,7 +89,7 @@ class Peak:
     whenever measure() is called, so that each row of the table is set against the peak measured
     beside it (on a shared machine the peak itself drifts from minute to minute).
 
-    fp32 runs in the library the trainer's fp32 matmuls use (charlm/model/fp32_matmul.py: oneDNN
+    fp32 runs in the library the trainer's fp32 matmuls use (charlm/model/matmuls.py: oneDNN
     where it is clearly faster than torch.mm's MKL, as on AMD's Zen 5, where MKL runs AVX2 code and
     charlm's own AVX-512 kernels showed more than 100% of torch.mm's peak)."""
 
@@ -105,7 +105,7 @@ class Peak:
                         for _ in range(2))
             for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))
         }
-        self.matmul: dict[str, Callable] = {"fp32": fp32_matmul.mm, "bf16": torch.mm}
+        self.matmul: dict[str, Callable] = {"fp32": matmuls.mm, "bf16": torch.mm}
         self.rates: dict[str, list[float]] = {"fp32": [], "bf16": []}
         for name in self.rates:  # warm up
             self.matmul[name](*self.operands[name])
@@ -279,7 +279,7 @@ def _bench(args: BenchConfig) -> int:
         print(f"GRU time loops: {native.status()}" + (f"; {native.matmuls()}" if native.ops() else ""))
     peak = Peak(device)
     fp32, bf16 = peak.best("fp32"), peak.best("bf16")
-    fp32_by = f" by {fp32_matmul.library()}" if device.type == "cpu" else ""
+    fp32_by = f" by {matmuls.library()}" if device.type == "cpu" else ""
     print(f"matmul peak at the start, best of 5 {peak.size['fp32']}^3 matmuls: fp32 {fp32:.0f} GFLOP/s{fp32_by}, bf16 "
           + (f"{bf16:.2f} GFLOP/s (no faster than fp32 on this CPU, {peak.size['bf16']}^3)" if peak.slow_bf16
              else f"{bf16:.0f} GFLOP/s")

@@ -31,7 +31,7 @@ from charlm.config import DataConfig, DoctorConfig, ModelConfig, RunConfig, Trai
 from charlm.device import choose_precision, matmul_micros
 from charlm.inference.sampling import sample_text
 from charlm.inference.scoring import evaluate_loss
-from charlm.model import fp32_matmul, fused_gru, native
+from charlm.model import fused_gru, matmuls, native
 from charlm.model.network import CharLM
 from charlm.model.stepping import Stepper
 from charlm.training.loop import train
@@ -162,7 +162,7 @@ def _doctor(_: DoctorConfig) -> int:
     ops = native.ops()
     print(f"CPU GRU time loops and decoding: {native.status()}"
           + (f", on {ops.threads()} threads; {native.matmuls()}" if ops else ""))
-    print(f"CPU float32 training matmuls (input projections, gradients, output layer): {fp32_matmul.status()}")
+    print(f"CPU float32 training matmuls (input projections, gradients, output layer): {matmuls.status()}")
     results = []
     if ops is not None:
         results.append(_row("cpu fused kernels", check_native))

@@ -25,8 +25,8 @@ from torch import nn
 
 from charlm.model import native
 from charlm.model.dropout import dropout
-from charlm.model.fp32_matmul import mm, mm_tn
 from charlm.model.gru import layer_weights
+from charlm.model.matmuls import mm, mm_tn
 
 
 def forward_loop(gi, h0, w_hh_t, b_hh, b_ih=None):

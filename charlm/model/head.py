@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from charlm.model import native
-from charlm.model.fp32_matmul import mm, mm_tn
+from charlm.model.matmuls import mm, mm_tn
 
 
 class LogSoftmaxHead(torch.autograd.Function):

@@ -1,10 +1,11 @@
 """charlm's fused GRU kernels (charlm/model/native_gru.cpp): compiled for this CPU on first use,
 cached, and used where they load; PyTorch's own operations compute the same thing elsewhere.
 
-    ops()     torch.ops.charlm (gru_forward, gru_backward, gru_decode, gemv_layout, draw, gru_write,
-              dropout_mask, log_softmax_rows and its backward, threads, recurrent_matmul), or None
+    ops()     torch.ops.charlm (gru_forward, gru_backward, mm_tn, gru_decode, gemv_layout, draw,
+              gru_write, dropout_mask, log_softmax_rows and its backward, threads, recurrent_matmul),
+              or None
     status()  one line: which path runs, and why
-    matmuls() what the time loops' recurrent matmuls run on, in fp32 and bf16
+    matmuls() what the time loops' recurrent matmuls (and bf16 weight gradients) run on
 
 The first use compiles the file with the C++ compiler and ninja that torch.utils.cpp_extension
 uses (10-20 s on two cores), into ~/.cache/charlm/kernels (CHARLM_CACHE moves it); later
@@ -127,7 +128,8 @@ def status() -> str:
 def matmuls() -> str:
     """What the training time loops' recurrent matmuls run on, in fp32 and in bf16: charlm's own
     micro-kernel for this CPU's vector instructions (each thread then runs the whole loop for its
-    rows of the batch), or at::mm; '' without the kernels."""
+    rows of the batch), or at::mm; and whether the bf16 weight gradients take the pair kernel
+    (mm_tn); '' without the kernels."""
     kernels = ops()
     if kernels is None:
         return ""
@@ -135,4 +137,7 @@ def matmuls() -> str:
     for name, dtype in (("fp32", "float32"), ("bf16", "bfloat16")):
         isa = kernels.recurrent_matmul(dtype)
         said.append(f"{name} by at::mm" if isa == "at::mm" else f"{name} by charlm's {isa} micro-kernel")
-    return "recurrent matmuls: " + ", ".join(said)
+    line = "recurrent matmuls: " + ", ".join(said)
+    if kernels.recurrent_matmul("bfloat16") == "avx512_bf16":  # the same build holds mm_tn's pair kernel
+        line += "; bf16 weight gradients by charlm's pair kernel"
+    return line

@@ -521,6 +521,134 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward(const Tensor& d_
   return {d_gi, d_gh, d_h0, d_b_ih, d_b_hh};
 }
 
+#ifdef CHARLM_ROWS_BF16
+// Weight gradients, a^T b for a (K, M) and b (K, N) bfloat16, both positions x features: the
+// pair dot product wants pairs of rows of K side by side in both operands, so each thread packs
+// kTnPairs pairs of rows at a time (its own rows of the result from a, all of b) into panels in
+// cache and runs the micro-kernel over them, its rows of the float32 result carried from chunk to
+// chunk. oneDNN's matmul takes this product (its first operand transposed) 15-30% longer at the
+// GRU's and the head's shapes (docs/speed.md).
+constexpr int64_t kTnPairs = 256;
+constexpr int kTnRows = 8;       // rows of the result a tile
+constexpr int kTnCols = 2 * U;   // columns of the result a tile
+
+// Pairs of rows 2p, 2p + 1 (p in [p0, p0 + np); a row past K reads as zeros) of x (row stride ld),
+// columns [c0, c0 + width), as 32-bit words (row 2p in the low half), in panels of pw columns:
+// word (p, j) at out[(j / pw) * np * pw + (p - p0) * pw + j % pw]. width a multiple of 32; pw 8
+// (a's panels, kTnRows) or a multiple of 32 (b's, kTnCols).
+void pack_pairs(const uint16_t* x, int64_t ld, int64_t K, int64_t p0, int64_t np, int64_t c0, int64_t width,
+                int64_t pw, uint32_t* out) {
+  const __m512i first = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
+                                         37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i second = _mm512_add_epi16(first, _mm512_set1_epi16(16));
+  for (int64_t p = 0; p < np; ++p) {
+    const int64_t k0 = 2 * (p0 + p), k1 = k0 + 1;
+    const uint16_t* r0 = x + k0 * ld + c0;
+    const uint16_t* r1 = x + k1 * ld + c0;
+    for (int64_t j = 0; j < width; j += 32) {
+      const __m512i lo = _mm512_loadu_si512(r0 + j);
+      const __m512i hi = k1 < K ? _mm512_loadu_si512(r1 + j) : _mm512_setzero_si512();
+      const __m512i w0 = _mm512_permutex2var_epi16(lo, first, hi), w1 = _mm512_permutex2var_epi16(lo, second, hi);
+      uint32_t* to = out + (j / pw) * np * pw + p * pw + j % pw;
+      if (pw >= 32) {
+        _mm512_storeu_si512(to, w0);
+        _mm512_storeu_si512(to + 16, w1);
+      } else {  // pw == 8: four panels
+        const int64_t step = np * pw;
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(to), _mm512_castsi512_si256(w0));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(to + step), _mm512_extracti64x4_epi64(w0, 1));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(to + 2 * step), _mm512_castsi512_si256(w1));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(to + 3 * step), _mm512_extracti64x4_epi64(w1, 1));
+      }
+    }
+  }
+}
+
+// pack_pairs for 8 columns (pw 8), one word at a time.
+void pack_pairs_narrow(const uint16_t* x, int64_t ld, int64_t K, int64_t p0, int64_t np, int64_t c0, uint32_t* out) {
+  for (int64_t p = 0; p < np; ++p) {
+    const int64_t k0 = 2 * (p0 + p), k1 = k0 + 1;
+    for (int64_t j = 0; j < kTnRows; ++j) {
+      const uint32_t lo = x[k0 * ld + c0 + j], hi = k1 < K ? x[k1 * ld + c0 + j] : 0u;
+      out[p * kTnRows + j] = lo | (hi << 16);
+    }
+  }
+}
+
+// Rows i < kTnRows of c, columns [0, 2U): (c's own values, unless first) + the sum over np pairs
+// of a's words (an np x kTnRows panel) times b's (an np x 2U panel).
+inline void tn_tile(const uint32_t* ap, const uint32_t* bp, int64_t np, float* c, int64_t ldc, bool first) {
+  __m512 acc[kTnRows][2];
+  for (int i = 0; i < kTnRows; ++i)
+    for (int cc = 0; cc < 2; ++cc)
+      acc[i][cc] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(c + i * ldc + cc * U);
+  for (int64_t p = 0; p < np; ++p) {
+    const __m512bh w0 = as_bh(_mm512_loadu_si512(bp + p * kTnCols));
+    const __m512bh w1 = as_bh(_mm512_loadu_si512(bp + p * kTnCols + U));
+    for (int i = 0; i < kTnRows; ++i) {
+      const __m512bh a = as_bh(_mm512_set1_epi32(static_cast<int32_t>(ap[p * kTnRows + i])));
+      acc[i][0] = _mm512_dpbf16_ps(acc[i][0], a, w0);
+      acc[i][1] = _mm512_dpbf16_ps(acc[i][1], a, w1);
+    }
+  }
+  for (int i = 0; i < kTnRows; ++i)
+    for (int cc = 0; cc < 2; ++cc) _mm512_storeu_ps(c + i * ldc + cc * U, acc[i][cc]);
+}
+
+// a (K, M), b (K, N) bfloat16, contiguous, M a multiple of kTnRows and N of kTnCols -> a^T b (M, N)
+// float32, each thread taking a block of c's rows.
+Tensor tn_pairs(const Tensor& a, const Tensor& b) {
+  const int64_t K = a.size(0), M = a.size(1), N = b.size(1), pairs = (K + 1) / 2;
+  const auto f = a.options().dtype(at::kFloat);
+  Tensor c = pairs == 0 ? at::zeros({M, N}, f) : at::empty({M, N}, f);
+  const uint16_t* ap = reinterpret_cast<const uint16_t*>(a.const_data_ptr<at::BFloat16>());
+  const uint16_t* bp = reinterpret_cast<const uint16_t*>(b.const_data_ptr<at::BFloat16>());
+  float* cp = c.data_ptr<float>();
+  const int64_t blocks = M / kTnRows, threads = std::max<int64_t>(1, at::get_num_threads());
+  at::parallel_for(0, blocks, (blocks + threads - 1) / threads, [&](int64_t blk0, int64_t blk1) {
+    const int64_t m0 = blk0 * kTnRows, width = (blk1 - blk0) * kTnRows;
+    std::vector<uint32_t> a_pack(kTnPairs * width), b_pack(kTnPairs * N);
+    for (int64_t p0 = 0; p0 < pairs; p0 += kTnPairs) {
+      const int64_t np = std::min(kTnPairs, pairs - p0);
+      // this thread's columns of a, 32 at a time (the last 8s one by one), then all of b
+      int64_t j = 0;
+      for (; j + 32 <= width; j += 32)
+        pack_pairs(ap, M, K, p0, np, m0 + j, 32, kTnRows, a_pack.data() + j * np);
+      for (; j < width; j += kTnRows)
+        pack_pairs_narrow(ap, M, K, p0, np, m0 + j, a_pack.data() + j * np);
+      pack_pairs(bp, N, K, p0, np, 0, N, kTnCols, b_pack.data());
+      for (int64_t i = 0; i < width; i += kTnRows)
+        for (int64_t n = 0; n < N; n += kTnCols)
+          tn_tile(a_pack.data() + i * np, b_pack.data() + n * np, np, cp + (m0 + i) * N + n, N, p0 == 0);
+    }
+  });
+  return c;
+}
+#endif
+
+// Whether mm_tn takes a (K, M) and b (K, N) in this dtype through the pair kernel.
+bool tn_pairs_path(at::ScalarType type, int64_t M, int64_t N) {
+#ifdef CHARLM_ROWS_BF16
+  return type == at::kBFloat16 && M % kTnRows == 0 && N % kTnCols == 0;
+#else
+  (void)type, (void)M, (void)N;
+  return false;
+#endif
+}
+
+// a (K, M), b (K, N), bfloat16 or float32 -> a^T b (M, N) float32: a weight gradient, where both
+// operands are positions x features. bfloat16 through the pair kernel where it is built for this
+// CPU and M is a multiple of 8 and N of 32 (the sums float32 to the end, not rounded to bfloat16
+// as at::mm's result is); elsewhere at::mm.
+Tensor mm_tn(const Tensor& a_, const Tensor& b_) {
+  TORCH_CHECK(a_.dim() == 2 && b_.dim() == 2 && a_.size(0) == b_.size(0) && a_.scalar_type() == b_.scalar_type(),
+              "mm_tn: a (K, M) and b (K, N) of one dtype");
+#ifdef CHARLM_ROWS_BF16
+  if (tn_pairs_path(a_.scalar_type(), a_.size(1), b_.size(1))) return tn_pairs(a_.contiguous(), b_.contiguous());
+#endif
+  return at::mm(a_.t(), b_).to(at::kFloat);
+}
+
 // Decoding's matmuls, y (N, M) = b + x (N, K) @ w (K, M), float32 sums, with the weights laid out
 // once (gemv_layout) in blocks of kCols columns, block after block. One row (batch-1 sampling) is
 // bound by reading the weights: a block's kCols sums stay in registers over the whole of K while
@@ -972,6 +1100,7 @@ int64_t threads() {
 TORCH_LIBRARY(charlm, m) {
   m.def("gru_forward", &gru_forward);
   m.def("gru_backward", &gru_backward);
+  m.def("mm_tn", &mm_tn);
   m.def("gru_decode", &gru_decode);
   m.def("gemv_layout", &gemv_layout);
   m.def("draw", &draw);

@@ -1,12 +1,19 @@
-"""The training step's large float32 matmuls on the CPU, through oneDNN where it is the faster.
+"""The training step's large matmuls on the CPU: which code runs each.
 
-torch.mm's float32 matmul is MKL's sgemm in PyTorch's x86 builds, and MKL runs its AVX2 code on
-AMD CPUs: on a Zen 5 EPYC, whose AVX-512 units do twice the work of AVX2's, oneDNN's fp32 matmul
-(which PyTorch also carries, as torch.ops.mkldnn._linear_pointwise) reached 427 GFLOP/s at the
-default model's shapes against MKL's 188. Which is faster is measured once per process, on a
-shape of the default model's, and oneDNN is taken only for a clear win; elsewhere (where MKL's
-code is as fast, oneDNN limited to AVX2, no oneDNN) everything stays torch.mm. bfloat16 matmuls go to
-oneDNN through torch.mm already. The results are float32 matmuls either way, equal to rounding.
+float32 (mm, mm_tn): through oneDNN where it is the faster. torch.mm's float32 matmul is MKL's
+sgemm in PyTorch's x86 builds, and MKL runs its AVX2 code on AMD CPUs: on a Zen 5 EPYC, whose
+AVX-512 units do twice the work of AVX2's, oneDNN's fp32 matmul (which PyTorch also carries, as
+torch.ops.mkldnn._linear_pointwise) reached 427 GFLOP/s at the default model's shapes against
+MKL's 188. Which is faster is measured once per process, on a shape of the default model's, and
+oneDNN is taken only for a clear win; elsewhere (where MKL's code is as fast, oneDNN limited to
+AVX2, no oneDNN) everything stays torch.mm. The results are float32 matmuls either way, equal to
+rounding.
+
+bfloat16: torch.mm (oneDNN, with AMX where the CPU has it), except the weight gradients (mm_tn),
+which go to native_gru.cpp's pair kernel where it is built (AVX-512 BF16 without AMX): oneDNN
+takes a transposed first operand 15-30% longer there than the same product laid out plainly, and
+the pair kernel packs both operands in cache as it goes. Its sums stay float32 to the end
+(torch.mm's bfloat16 result is rounded to bfloat16).
 """
 from __future__ import annotations
 
@@ -15,6 +22,8 @@ import time
 from typing import Any, Callable, Optional
 
 import torch
+
+from charlm.model import native
 
 _lock = threading.Lock()
 _state: dict[str, Any] = {}  # "mm": oneDNN's matmul or None (torch.mm), "why": status()
@@ -84,8 +93,14 @@ def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def mm_tn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a.T @ b (a weight gradient: both operands are positions x features). oneDNN reads a
-    transposed first operand slowly, so there it computes (b.T @ a).T."""
-    if a.dtype == torch.float32 and a.device.type == "cpu" and _matmul() is not None:
-        return mm(b.t(), a).t()
+    """a.T @ b (a weight gradient: both operands are positions x features); float32 in, float32
+    out; bfloat16 in, float32 out through the fused kernels, else bfloat16. oneDNN's fp32 matmul
+    reads a transposed first operand slowly, so there it computes (b.T @ a).T."""
+    if a.device.type == "cpu":
+        if a.dtype == torch.float32 and _matmul() is not None:
+            return mm(b.t(), a).t()
+        if a.dtype == torch.bfloat16:
+            kernels = native.ops()
+            if kernels is not None:
+                return kernels.mm_tn(a, b)
     return torch.mm(a.t(), b)
