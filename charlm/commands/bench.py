@@ -3,9 +3,11 @@
     python -m charlm.bench [device=cuda] [models=given d_model=512 batch_size=32] [reps=5] ...
 
 First the machine's matmul peak in fp32 and bf16, measured in this run; every rate after it is
-also given as a fraction of the peak measured beside it (one matmul in each precision before
-each repetition of a training row, five before the sampling rows: on a shared machine the peak
-itself drifts from minute to minute). Training, for the default models of data=timemachine,
+also given as a fraction of the peak measured beside it: on a shared machine the peak itself
+drifts from minute to minute. Each repetition of a training row is set against the better of two
+matmuls just before it, and the row gives the median of those fractions (the median rate over
+the best of all the peaks would count every slow moment against the rate and none against the
+peak); the sampling rows against the best of five before them. Training, for the default models of data=timemachine,
 model=reference and data=tinyshakespeare (or only the one given): charlm's real step (CharLM,
 AdamW, gradient clipping, train.precision=auto) against a plain PyTorch loop (Embedding ->
 nn.GRU -> Linear -> LogSoftmax, Adam, fp32), same sizes and same batches, timed in turn in this
@@ -122,12 +124,9 @@ class Peak:
         """The best of `reps` measurements now."""
         return max(self.measure(name) for _ in range(reps))
 
-    def mark(self) -> dict[str, int]:
-        return {name: len(rates) for name, rates in self.rates.items()}
-
-    def best_since(self, name: str, mark: dict[str, int]) -> float:
-        """The best measurement since mark() was called."""
-        return max(self.rates[name][mark[name]:])
+    def now(self, name: str) -> float:
+        """The peak at this moment: the better of two measurements in a row."""
+        return self.best(name, reps=2)
 
 
 def _rows(args: BenchConfig) -> list[tuple[str, int, int, int, int, bool]]:
@@ -152,8 +151,9 @@ def bench_training(args: BenchConfig, device: torch.device, peak: Peak) -> Itera
              f" {args.steps} steps hold under {MIN_TOKENS:,} tokens, so that a small model's repetition is not"
              " lost in noise; models=given takes steps as given); the matmul rate is 6 x weights outside the"
              " embedding per token (where layer 0 is read from a table, its input weights count 6 x 256 rows"
-             " a step instead), against the peak measured beside the row (the best of one matmul in each"
-             " precision before each repetition); without dropout, each path the recipe's training takes")
+             " a step instead); the fraction of the peak is the median over the repetitions of each one's"
+             " against the peak just before it (the better of two matmuls); without dropout, each path the"
+             " recipe's training takes")
     for name, d_model, n_layers, batch, seq, drops in _rows(args):
         yield from _train_row(args, device, peak, name, d_model, n_layers, batch, seq, drops)
 
@@ -192,34 +192,41 @@ def _train_row(args: BenchConfig, device: torch.device, peak: Peak, name: str,
         return loss.item()
 
     plain_steps(), our_steps()  # warm up: allocator, kernels, optimizer state
-    t_plain, t_ours = [], []
-    mark = peak.mark()
-    for _ in range(args.reps):  # in turn, so drift in the machine's speed hits both alike, and the peak
-        peak.measure("fp32")
+    t_plain, t_ours, p_plain, p_ours = [], [], [], []
+    for _ in range(args.reps):  # in turn, so drift in the machine's speed hits both alike
+        p_plain.append(peak.now("fp32"))  # each repetition beside the peak of its own moment
         t_plain.append(_time(plain_steps, device))
-        peak.measure(precision.name)
+        p_ours.append(peak.now(precision.name))
         t_ours.append(_time(our_steps, device))
-    peaks = {name: peak.best_since(name, mark) for name in {"fp32", precision.name}}
     tokens = steps * batch * seq
     flop = 6 * sum(p.numel() for n, p in ours.named_parameters() if not n.startswith("embed"))
     if table:  # the table's three matmuls of 256 rows a step replace layer 0's input matmuls
         flop -= 6 * ours.gru.weight_ih_l0.numel() * (1 - 256 / (batch * seq))
     plain_rate, plain_s = _fmt(t_plain, tokens)
     our_rate, our_s = _fmt(t_ours, tokens)
+    peaks = {"fp32": statistics.median(p_plain), precision.name: statistics.median(p_ours)}
     ours_label = f"charlm step, {precision.name} ({precision.why.split(':')[0]})"
     return [
         f"  {name}: {d_model} x {n_layers} layers, batch {batch} x {seq}, {flop / 1e6:.1f} MFLOP per token"
         + (" (layer 0 from a table)," if table else ",")
-        + f" {steps} steps a repetition; peak beside it "
+        + f" {steps} steps a repetition; peak beside it (median) "
         + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in sorted(peaks.items())),
-        f"    {'plain nn.GRU loop, fp32, Adam':<34}{plain_s} tokens/s {_of_peak(plain_rate * flop, peaks, 'fp32')}",
-        f"    {ours_label:<34}{our_s} tokens/s {_of_peak(our_rate * flop, peaks, precision.name)}",
+        f"    {'plain nn.GRU loop, fp32, Adam':<34}{plain_s} tokens/s "
+        + _of_peak(plain_rate * flop, _paired(t_plain, p_plain, tokens * flop), "fp32"),
+        f"    {ours_label:<34}{our_s} tokens/s "
+        + _of_peak(our_rate * flop, _paired(t_ours, p_ours, tokens * flop), precision.name),
         f"    {'ratio charlm / plain':<34}{our_rate / plain_rate:>9.2f}x   ({precision.why})",
     ]
 
 
-def _of_peak(flops: float, peaks: dict[str, float], precision: str) -> str:
-    return f"{flops / 1e9:6.1f} GFLOP/s = {flops / 1e9 / peaks[precision]:4.0%} of the {precision} peak"
+def _paired(times: list[float], peaks: list[float], flop: float) -> float:
+    """The median over repetitions of each one's rate as a fraction of the peak measured just
+    before it (flop: a repetition's arithmetic)."""
+    return statistics.median(flop / t / 1e9 / p for t, p in zip(times, peaks))
+
+
+def _of_peak(flops: float, fraction: float, precision: str) -> str:
+    return f"{flops / 1e9:6.1f} GFLOP/s = {fraction:4.0%} of the {precision} peak"
 
 
 def bench_sampling(args: BenchConfig, device: torch.device, peak: Peak) -> Iterator[str]:
@@ -250,9 +257,10 @@ def bench_sampling(args: BenchConfig, device: torch.device, peak: Peak) -> Itera
             med = statistics.median(times[2000])
             rate = n * 2000 / med
             ratio = med / statistics.median(times[500])
+            versus = against[precision]
             yield (f"  {d_model} x {args.n_layers}, batch {n:<3} {precision} {rate:>10,.0f} bytes/s "
-                   f"{_of_peak(rate * flop, peaks, against[precision])}  (2,000 vs 500 bytes cost {ratio:.2f}x,"
-                   " linear is 4)")
+                   f"{_of_peak(rate * flop, rate * flop / 1e9 / peaks[versus], versus)}"
+                   f"  (2,000 vs 500 bytes cost {ratio:.2f}x, linear is 4)")
 
 
 def main(argv: list[str]) -> int:
