@@ -260,7 +260,7 @@ def test_bench_prints_its_table(tmp_path):
     proc = run_cli("-m", "charlm.bench", "models=given", "d_model=16", "batch_size=4", "seq_len=8", "steps=1",
                    "reps=2", "sample_reps=1", cwd=tmp_path)
     out = proc.stdout
-    for line in ("matmul peak at the start", "peak beside it (median) fp32 ", "% of the fp32 peak",
+    for line in ("matmul peak at the start", "peak beside it (median) ", "% of the fp32 peak",
                  "plain nn.GRU loop", "charlm step",
                  "ratio charlm / plain", "batch 1   fp32", "batch 1   bf16", "batch 64  fp32", "batch 64  bf16",
                  "2,000 vs 500 bytes cost", "peak memory:"):
