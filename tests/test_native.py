@@ -91,6 +91,25 @@ def _pair_kernel_built() -> bool:
 
 
 @needs_native
+# whole tiles on both threads; rows past the last whole tile (13, 21); more rows of K than a chunk
+# holds; one row; none; a width the tile does not take (40 on AVX-512)
+@pytest.mark.parametrize("k,m,n", [(300, 96, 64), (300, 13, 32), (333, 21, 64), (1, 8, 32), (0, 8, 32),
+                                   (200, 16, 40)])
+def test_the_float32_weight_gradient_matmul_equals_the_exact_product_to_float32_rounding(k, m, n):
+    """mm_tn(a, b) = a^T b in float32: the kernels' tile where it is built and takes the width
+    (tn_kernel), at::mm elsewhere; both within float32 rounding of the float64 product."""
+    g = torch.Generator().manual_seed(k + m)
+    a = torch.randn(k, m, generator=g)
+    b = torch.randn(n, k, generator=g).t()  # a transposed view: read as its values
+    out = ops.mm_tn(a, b)
+    assert out.dtype == torch.float32 and out.shape == (m, n)
+    exact = a.double().t() @ b.double()
+    torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-5 * max(1, k) ** 0.5)
+    if ops.recurrent_matmul("float32") in ("avx2", "avx512"):
+        assert ops.tn_kernel("float32", m, n) == (n % (32 if ops.recurrent_matmul("float32") == "avx512" else 16) == 0)
+
+
+@needs_native
 # whole tiles on both threads; a thread's columns not a multiple of 32 (packed 8 at a time); an
 # odd K (the last pair half zeros); one row; none; shapes the pair kernel does not take
 @pytest.mark.parametrize("k,m,n", [(300, 96, 64), (301, 24, 64), (37, 16, 32), (1, 8, 32), (0, 8, 32),

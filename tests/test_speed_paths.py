@@ -1,5 +1,7 @@
 """The fast paths compute what the plain ones do: fused GRU training, one-byte decoding, bf16,
 the time budget, the benchmark command."""
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -165,10 +167,24 @@ def test_the_fp32_training_matmuls_equal_torch_mm_by_either_library(route, monke
     torch.testing.assert_close(matmuls.mm_tn(d, x), d.t() @ x, rtol=1e-5, atol=1e-4)
     bf = matmuls.mm(x.bfloat16(), w.t().bfloat16())  # bfloat16 stays torch.mm's
     assert bf.dtype == torch.bfloat16 and torch.equal(bf, x.bfloat16() @ w.t().bfloat16())
+    # float32 weight gradients by the kernels' tile where it was timed faster: the same either way
+    if native.ops() is not None:
+        for tile in (True, False):
+            monkeypatch.setitem(matmuls._state, "tn", tile)
+            torch.testing.assert_close(matmuls.mm_tn(d, x), d.t() @ x, rtol=1e-5, atol=1e-4)
     # a bfloat16 weight gradient: the fused kernels' mm_tn where they load (float32 sums), else torch.mm's
     d_w = matmuls.mm_tn(d.bfloat16(), x.bfloat16())
     assert d_w.dtype == (torch.float32 if native.ops() is not None else torch.bfloat16)
     torch.testing.assert_close(d_w.float(), d.bfloat16().float().t() @ x.bfloat16().float(), rtol=1e-2, atol=1e-1)
+
+
+def test_choosing_the_weight_gradients_code_first_in_a_process_does_not_hang():
+    """Choosing it asks which library mm chose, under the same lock."""
+    code = ("import torch; from charlm.model import matmuls;"
+            " print(tuple(matmuls.mm_tn(torch.randn(64, 8), torch.randn(64, 32)).shape), matmuls.status())")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("(8, 32)") and "weight gradients by" in proc.stdout
 
 
 def test_the_table_is_read_only_where_nothing_drops_the_embeddings():

@@ -361,6 +361,74 @@ void backward_rows(int64_t T, int64_t B, int64_t H, const float* d_out, const fl
     }
   });
 }
+// float32 weight gradients, a^T b for a (K, M) and b (K, N): no pairs to pack in float32, so the
+// tile reads both operands where they lie, a row of each a step down K (kTnfRows numbers of a's
+// row broadcast, 2U of b's as vectors), kTnfChunk rows of K at a time so that the thread's part
+// of a and all of b stay in cache while its rows of the result are carried from chunk to chunk.
+constexpr int64_t kTnfChunk = 128;
+#ifdef __AVX512F__
+constexpr int kTnfRows = 8;  // 16 sums, 2 weights and a broadcast of 32 registers
+#else
+constexpr int kTnfRows = 6;  // AVX2's 16: 12 sums, 2 weights, a broadcast
+#endif
+
+template <int R>
+inline void tnf_tile(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t kc, float* c, int64_t ldc,
+                     bool first) {
+  Vec acc[R][2];
+  for (int i = 0; i < R; ++i)
+    for (int cc = 0; cc < 2; ++cc) acc[i][cc] = first ? vzero() : vload(c + i * ldc + cc * U);
+  for (int64_t k = 0; k < kc; ++k) {
+    const Vec w0 = vload(b + k * ldb), w1 = vload(b + k * ldb + U);
+    for (int i = 0; i < R; ++i) {
+      acc[i][0] = vfma(a[k * lda + i], w0, acc[i][0]);
+      acc[i][1] = vfma(a[k * lda + i], w1, acc[i][1]);
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int cc = 0; cc < 2; ++cc) vstore(c + i * ldc + cc * U, acc[i][cc]);
+}
+
+// tnf_tile for r rows, 1 <= r <= kTnfRows (the rows past the last whole tile).
+inline void tnf_tile_rows(int r, const float* a, int64_t lda, const float* b, int64_t ldb, int64_t kc, float* c,
+                          int64_t ldc, bool first) {
+  switch (r) {
+#ifdef __AVX512F__
+    case 8: return tnf_tile<8>(a, lda, b, ldb, kc, c, ldc, first);
+    case 7: return tnf_tile<7>(a, lda, b, ldb, kc, c, ldc, first);
+#endif
+    case 6: return tnf_tile<6>(a, lda, b, ldb, kc, c, ldc, first);
+    case 5: return tnf_tile<5>(a, lda, b, ldb, kc, c, ldc, first);
+    case 4: return tnf_tile<4>(a, lda, b, ldb, kc, c, ldc, first);
+    case 3: return tnf_tile<3>(a, lda, b, ldb, kc, c, ldc, first);
+    case 2: return tnf_tile<2>(a, lda, b, ldb, kc, c, ldc, first);
+    default: return tnf_tile<1>(a, lda, b, ldb, kc, c, ldc, first);
+  }
+}
+
+// a (K, M), b (K, N) float32, contiguous, N a multiple of 2U -> a^T b (M, N), each thread taking
+// a block of c's rows.
+Tensor tn_f32(const Tensor& a, const Tensor& b) {
+  const int64_t K = a.size(0), M = a.size(1), N = b.size(1);
+  Tensor c = at::zeros({M, N}, a.options());
+  if (K == 0 || M == 0) return c;
+  const float* ap = a.const_data_ptr<float>();
+  const float* bp = b.const_data_ptr<float>();
+  float* cp = c.data_ptr<float>();
+  const int64_t blocks = (M + kTnfRows - 1) / kTnfRows, threads = std::max<int64_t>(1, at::get_num_threads());
+  at::parallel_for(0, blocks, (blocks + threads - 1) / threads, [&](int64_t blk0, int64_t blk1) {
+    for (int64_t k0 = 0; k0 < K; k0 += kTnfChunk) {
+      const int64_t kc = std::min(kTnfChunk, K - k0);
+      for (int64_t blk = blk0; blk < blk1; ++blk) {
+        const int64_t m0 = blk * kTnfRows;
+        const int r = static_cast<int>(std::min<int64_t>(kTnfRows, M - m0));
+        for (int64_t n = 0; n < N; n += 2 * U)
+          tnf_tile_rows(r, ap + k0 * M + m0, M, bp + k0 * N + n, N, kc, cp + m0 * N + n, N, k0 == 0);
+      }
+    }
+  });
+  return c;
+}
 #endif
 
 // run(float()) or run(at::BFloat16()), for the row path's dtype (bfloat16 only where it is built).
@@ -626,26 +694,37 @@ Tensor tn_pairs(const Tensor& a, const Tensor& b) {
 }
 #endif
 
-// Whether mm_tn takes a (K, M) and b (K, N) in this dtype through the pair kernel.
-bool tn_pairs_path(at::ScalarType type, int64_t M, int64_t N) {
+// Whether mm_tn takes a (K, M) and b (K, N) of this dtype ("float32", "bfloat16") through
+// charlm's kernels: bfloat16's pair kernel (AVX-512 BF16 without AMX; M a multiple of 8, N of
+// 32) or float32's tile (AVX-512 or AVX2 with FMA; N a multiple of 2U).
+bool tn_kernel(const std::string& dtype, int64_t M, int64_t N) {
 #ifdef CHARLM_ROWS_BF16
-  return type == at::kBFloat16 && M % kTnRows == 0 && N % kTnCols == 0;
-#else
-  (void)type, (void)M, (void)N;
-  return false;
+  if (dtype == "bfloat16") return M % kTnRows == 0 && N % kTnCols == 0;
 #endif
+#ifdef CHARLM_ROWS_F32
+  if (dtype == "float32") return N % (2 * U) == 0;
+#endif
+  (void)dtype, (void)M, (void)N;
+  return false;
 }
 
-// a (K, M), b (K, N), bfloat16 or float32 -> a^T b (M, N) float32: a weight gradient, where both
-// operands are positions x features. bfloat16 through the pair kernel where it is built for this
-// CPU and M is a multiple of 8 and N of 32 (the sums float32 to the end, not rounded to bfloat16
-// as at::mm's result is); elsewhere at::mm.
+// a (K, M), b (K, N) of one dtype, float32 or bfloat16 -> a^T b (M, N) float32: a weight
+// gradient, where both operands are positions x features. Through charlm's kernels where
+// tn_kernel says (bfloat16's sums then float32 to the end, not rounded to bfloat16 as at::mm's
+// result is); elsewhere at::mm.
 Tensor mm_tn(const Tensor& a_, const Tensor& b_) {
   TORCH_CHECK(a_.dim() == 2 && b_.dim() == 2 && a_.size(0) == b_.size(0) && a_.scalar_type() == b_.scalar_type(),
               "mm_tn: a (K, M) and b (K, N) of one dtype");
+  const auto type = a_.scalar_type();
+  const std::string dtype = type == at::kBFloat16 ? "bfloat16" : type == at::kFloat ? "float32" : "";
+  if (tn_kernel(dtype, a_.size(1), b_.size(1))) {
 #ifdef CHARLM_ROWS_BF16
-  if (tn_pairs_path(a_.scalar_type(), a_.size(1), b_.size(1))) return tn_pairs(a_.contiguous(), b_.contiguous());
+    if (dtype == "bfloat16") return tn_pairs(a_.contiguous(), b_.contiguous());
 #endif
+#ifdef CHARLM_ROWS_F32
+    if (dtype == "float32") return tn_f32(a_.contiguous(), b_.contiguous());
+#endif
+  }
   return at::mm(a_.t(), b_).to(at::kFloat);
 }
 
@@ -1101,6 +1180,7 @@ TORCH_LIBRARY(charlm, m) {
   m.def("gru_forward", &gru_forward);
   m.def("gru_backward", &gru_backward);
   m.def("mm_tn", &mm_tn);
+  m.def("tn_kernel", &tn_kernel);
   m.def("gru_decode", &gru_decode);
   m.def("gemv_layout", &gemv_layout);
   m.def("draw", &draw);
