@@ -42,19 +42,10 @@ def onednn_matmul() -> Optional[Callable]:
     return lambda a, b: op(a, b.t(), None, "none", [], "")
 
 
-def _best_micros(fn: Callable, a: torch.Tensor, b: torch.Tensor, reps: int = 7) -> float:
-    fn(a, b)
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn(a, b)
-        best = min(best, time.perf_counter() - t)
-    return best * 1e6
-
-
 def _best_micros_in_turn(one: Callable, other: Callable, a: torch.Tensor, b: torch.Tensor,
                          reps: int = 7) -> tuple[float, float]:
-    """_best_micros of both, the calls taken in turn, so that the machine's drift hits both alike."""
+    """The best of `reps` timings of one(a, b) and of other(a, b), in µs, the calls taken in turn
+    so that the machine's drift hits both alike."""
     one(a, b), other(a, b)
     best = [float("inf"), float("inf")]
     for _ in range(reps):
@@ -71,7 +62,7 @@ def _choose() -> tuple[Optional[Callable], str]:
         return None, "torch.mm (this PyTorch has no oneDNN fp32 matmul to compare)"
     g = torch.Generator().manual_seed(0)  # not the global generator: choosing must not move it
     a, b = torch.randn(1024, 256, generator=g), torch.randn(256, 768, generator=g)
-    mkl, ours = _best_micros(torch.mm, a, b), _best_micros(onednn, a, b)
+    mkl, ours = _best_micros_in_turn(torch.mm, onednn, a, b)
     figures = f"{ours:.0f} µs by oneDNN, {mkl:.0f} µs by torch.mm for 1024x256 @ 256x768"
     if ours < 0.75 * mkl:  # a clear win only, not noise
         return onednn, f"oneDNN ({figures})"

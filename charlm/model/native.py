@@ -138,6 +138,6 @@ def matmuls() -> str:
         isa = kernels.recurrent_matmul(dtype)
         said.append(f"{name} by at::mm" if isa == "at::mm" else f"{name} by charlm's {isa} micro-kernel")
     line = "recurrent matmuls: " + ", ".join(said)
-    if kernels.recurrent_matmul("bfloat16") == "avx512_bf16":  # the same build holds mm_tn's pair kernel
+    if kernels.tn_kernel("bfloat16", 768, 256):  # mm_tn takes a weight gradient of the default model's
         line += "; bf16 weight gradients by charlm's pair kernel"
     return line
