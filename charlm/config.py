@@ -82,6 +82,37 @@ class ModelConfig:
 
 
 @dataclass
+class PlanConfig:
+    """Which code computes a step: `auto` chooses by what this CPU can do (never by timing), a value
+    forces that path; the run header prints the plan, checkpoints save it and a resume replays it
+    (see [the plan](speed.md#the-plan))."""
+
+    kernels: str = setting(
+        "auto", "charlm's C++ kernels: `auto` (the newest build this CPU runs), `off` (PyTorch's operations), or a"
+        " build: `portable`, `avx2`, `avx512`, `avx512bf16`, `amx`")
+    matmul: str = setting(
+        "auto", "the large float32 training matmuls: `torch` (torch.mm) or `onednn`; `auto`: oneDNN on AMD CPUs"
+        " with AVX-512, else torch.mm")
+    weight_grads: str = setting(
+        "auto", "the weight gradients: `charlm` (the AVX-512 builds' own kernels) or `library` (the matmul above)")
+    lstm: str = setting("auto", "model.cell=lstm on the CPU: `onednn` (its fused kernel) or `pytorch` (PyTorch's loop)")
+    table: str = setting(
+        "auto", "`on`: a GRU's first layer reads its input projection from a 256-row table of the bytes where nothing"
+        " drops the embeddings; `off`: from the embeddings, as the other layers do")
+    threads: int = setting(0, "CPU threads a step runs on (0: PyTorch's default, one per core)")
+
+    def __post_init__(self) -> None:
+        check_choice(self.kernels, "plan.kernels",
+                     ("auto", "off", "portable", "avx2", "avx512", "avx512bf16", "amx"))
+        check_choice(self.matmul, "plan.matmul", ("auto", "torch", "onednn"))
+        check_choice(self.weight_grads, "plan.weight_grads", ("auto", "charlm", "library"))
+        check_choice(self.lstm, "plan.lstm", ("auto", "onednn", "pytorch"))
+        check_choice(self.table, "plan.table", ("auto", "on", "off"))
+        if not 0 <= self.threads <= 4096:
+            raise CharlmError(f"plan.threads must be 0 (one per core) or a number of threads, got {self.threads}")
+
+
+@dataclass
 class TrainConfig:
     """Optimisation, schedule, evaluation and device settings. The defaults are The Time Machine's
     recipe, what `python train.py` runs; configs/recipe/<data>.yaml holds what another corpus changes."""
@@ -108,8 +139,9 @@ class TrainConfig:
     log_every: int = setting(10, "steps between the training loss's log points")
     device: str = setting("auto", "`auto` (CUDA when present, else CPU), `cpu`, `cuda`, `cuda:N`")
     precision: str = setting(
-        "auto", "`fp32`, `bf16` (autocast), or `auto`: times a training step in both at start-up and"
-        " takes bf16 only where it is clearly faster (see [precision](precision.md))")
+        "auto", "`fp32`, `bf16` (autocast), or `auto`: bf16 where this CPU or GPU does bf16 matmuls faster than"
+        " fp32 (AMX, AVX-512 BF16 on AMD, CUDA compute capability 8.0 and up), else fp32; part of the run's plan"
+        " (see [precision](precision.md))")
     resume: Optional[str] = setting(None, "a run directory or `.pt` to continue", shown="none", path=True)
     init_from: Optional[str] = setting(
         None, "a run directory or `.pt` whose weights and model size a new run starts from (fine-tuning, from"
@@ -167,6 +199,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     seed: int = setting(0, "seeds initialisation, batching and the in-training samples")
     out_dir: str = setting(
         "runs/run", "where the run is written", shown="runs/<data>/<date>_<time>", path=True)
@@ -201,6 +234,7 @@ class EvaluateConfig:
         None, "write a page showing the text through the model: surprisal, top 5, gates, units", shown="none",
         path=True)
     html_bytes: int = setting(4096, "the page shows the first N bytes of the scored text")
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
     def __post_init__(self) -> None:
         check_choice(self.split, "split", (None, "train", "val", "test", "all"))
@@ -239,6 +273,7 @@ class SampleConfig:
     interactive: bool = setting(
         False, "write together: each line typed is added to the text and the model continues it for `length`"
         " bytes; an empty line lets it go on; Ctrl-D ends (see [sampling](sampling.md#writing-together))")
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
     def __post_init__(self) -> None:
         check_choice(self.explain_format, "explain_format", ("text", "json"))
@@ -316,6 +351,7 @@ class BenchConfig:
     reps: int = setting(5, "timed repetitions of each training loop")
     sample_reps: int = setting(3, "timed repetitions of each sampling figure")
     precision: str = setting("auto", "charlm's precision: `auto`, `fp32` or `bf16`")
+    plan: PlanConfig = field(default_factory=PlanConfig)
     skip: str = setting("", "`training` or `sampling`: leave that part out", shown="none")
 
     def __post_init__(self) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import os
 import runpy
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from charlm import plan as plans
 from charlm.config import ModelConfig
 from charlm.model.network import CharLM
 
@@ -133,6 +135,24 @@ def pytest_collection_modifyitems(config, items):
 
 
 # --- helpers the test modules share (no test module imports another) ---------------------------
+
+
+def builds_under_test() -> list[str]:
+    """The kernel builds the kernel tests check: auto's build here, or every build this CPU runs
+    with CHARLM_TEST_BUILDS=all (CI), or the builds named (CHARLM_TEST_BUILDS=portable,avx2)."""
+    wanted = os.environ.get("CHARLM_TEST_BUILDS", "")
+    if wanted == "all":
+        return plans.runnable_builds()
+    if wanted:
+        return wanted.split(",")
+    build = plans.auto_kernels()[0]
+    return [build] if build != "off" else []
+
+
+def with_plan(**parts):
+    """The plan in use with some parts forced (kernels="off", matmul="onednn", ...): how a test
+    chooses a path, as plan.<part>= does on the command line."""
+    return plans.use(dataclasses.replace(plans.current(), **parts))
 
 
 def small_model(**kw) -> CharLM:

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from charlm import CharLM, ModelConfig
+from charlm import plan as plans
 from charlm.checkpoint import load_checkpoint
-from charlm.device import choose_precision
 from conftest import ROOT, TINY, run_cli
 
 pytestmark = pytest.mark.cuda
@@ -56,10 +56,11 @@ def test_bf16_autocast_on_cuda_keeps_a_float32_state_close_to_fp32(cell):
     assert (h - h_ref).abs().max() < 0.05 and (log_probs - ref).abs().max() < 0.1
 
 
-def test_auto_precision_times_both_on_the_gpu():
-    model = CharLM(ModelConfig(d_model=256, n_layers=2)).cuda()
-    p = choose_precision("auto", model, torch.device("cuda"), (32, 64))
-    assert p.why.startswith("auto: ")
+def test_auto_precision_is_bf16_where_the_gpu_has_bf16_units():
+    plan, why, _ = plans.resolve(device="cuda")
+    major, _ = torch.cuda.get_device_capability()
+    assert plan.device == "cuda" and plan.precision == ("bf16" if major >= 8 else "fp32")
+    assert "compute capability" in why["precision"]
 
 
 def test_two_processes_over_nccl_hold_identical_weights(tmp_path, text_file):

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from charlm import plan as plans
 from conftest import run_cli
 
 
@@ -17,15 +18,18 @@ def test_doctor_runs_every_path_here_and_says_what_it_cannot(tmp_path):
     if not torch.cuda.is_available():
         assert "cuda                               - no GPU" in out
         assert "needs two GPUs, this machine has 0" in out
-    assert "CPU bf16 matmuls are " in out
+    # the plan train.py follows here, each part with auto's reason: what the run header prints
+    plan, why, _ = plans.resolve()
+    assert f"plan: {plan.line()}\n" in out
+    for part, reason in why.items():
+        assert f"  {part}={getattr(plan, part)}: {reason}\n" in out
     path = next(line for line in out.splitlines() if line.startswith("CPU GRU time loops and decoding: "))
-    if "fused C++ kernels" in path:  # and the two paths were checked against each other
-        line = next(line for line in out.splitlines() if line.startswith("cpu fused kernels"))
+    if plan.kernels != "off":  # and the kernels were checked against PyTorch's operations
+        line = next(line for line in out.splitlines() if line.startswith("cpu kernels"))
         assert " ✓ " in line and "agree with PyTorch's operations" in line, line
+        assert f"charlm's {plan.kernels} kernels" in path, path
         assert "threads; recurrent matmuls: fp32 by " in path and ", bf16 by " in path, path
     else:
         assert "PyTorch operations (" in path
-    choice = next(line for line in out.splitlines() if "data=timemachine (256x2, batch 64x100) on cpu: " in line)
-    assert "a training step took" in choice or "bf16 matmuls are no faster than fp32" in choice  # either CPU
     assert out.rstrip().endswith(" passed, 0 failed")
     assert list(tmp_path.iterdir()) == []  # it leaves nothing behind

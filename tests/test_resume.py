@@ -105,23 +105,15 @@ def test_a_checkpoint_written_by_earlier_code_loads_resumes_and_samples(tmp_path
     assert load_checkpoint(tmp_path / "old" / "last.pt")["step"] == 6  # the run's own out_dir, as saved
 
 
-@pytest.mark.system
-def test_an_lstm_resumes_exactly_fine_tunes_and_is_scored_dynamically(tmp_path):
-    """The LSTM's state ([h, c]) and its dropout streams come back from a checkpoint bit for bit:
-    a run stopped by SIGTERM and resumed ends where the same run in one go ends."""
+def test_an_lstm_fine_tunes_and_is_scored_dynamically(tmp_path):
+    """The LSTM's state ([h, c]) is saved whole; a fine-tuning run starts from its weights, and
+    dynamic evaluation scores it (its exact resume: tests/test_plan.py, for every cell)."""
     (tmp_path / "notes.txt").write_text(small_text(), encoding="utf-8")
     args = ("data=text", "data.path=notes.txt", *TINY, "model.cell=lstm", "model.n_layers=2", "model.dropout=0.1",
-            "train.max_steps=40", "train.eval_every=10")
+            "train.max_steps=10", "train.eval_every=10")
     run_cli("train.py", *args, "out_dir=one_go", cwd=tmp_path)
-    proc = start_training(tmp_path, *args, "out_dir=halves")
-    wait_for(tmp_path / "halves" / "last.pt", proc)
-    proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=120)
-    assert proc.returncode == 143 and 10 <= load_checkpoint(tmp_path / "halves" / "last.pt")["step"] < 40
-    run_cli("train.py", "train.resume=halves", cwd=tmp_path)
-    a, b = load_checkpoint(tmp_path / "one_go" / "last.pt"), load_checkpoint(tmp_path / "halves" / "last.pt")
+    a = load_checkpoint(tmp_path / "one_go" / "last.pt")
     assert a["model_config"]["cell"] == "lstm" and a["hidden"].shape == (2, 8, 64)
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]) and torch.equal(a["hidden"], b["hidden"])
     not_model = [a for a in TINY if not a.startswith("model.")]  # the size and cell come from the source
     tuned = run_cli("train.py", "data=text", "data.path=notes.txt", *not_model, "train.max_steps=3",
                     "train.init_from=one_go", "out_dir=tuned", cwd=tmp_path)

@@ -13,6 +13,8 @@ AdamW, gradient clipping, train.precision=auto) against a plain PyTorch loop (Em
 nn.GRU -> Linear -> LogSoftmax, Adam, fp32), same sizes and same batches, timed in turn in this
 one process; medians with min-max over `reps` repetitions. Sampling: bytes/s at batch 1 and 64
 for the 256- and 512-wide models, and the cost of 2,000 bytes over 500 (4 means linear).
+Every row runs the plan printed at the start, the trainer's for this machine (charlm.plan);
+`plan.<part>=` and `precision=` force any part, so that two plans can be compared row by row.
 Peak memory: the process's resident high-water mark (and CUDA's, on a GPU).
 """
 from __future__ import annotations
@@ -22,6 +24,7 @@ import resource
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -29,8 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from charlm import plan as plans
 from charlm.config import BenchConfig, ModelConfig, TrainConfig
-from charlm.device import choose_precision, keep_freed_memory, matmul_micros, resolve_device
+from charlm.device import Precision, keep_freed_memory, plan_precision, resolve_device
 from charlm.inference.sampling import generate
 from charlm.model import matmuls, native
 from charlm.model.network import CharLM
@@ -91,15 +95,14 @@ class Peak:
     whenever measure() is called, so that each row of the table is set against the peak measured
     beside it (on a shared machine the peak itself drifts from minute to minute).
 
-    fp32 runs in the library the trainer's fp32 matmuls use (charlm/model/matmuls.py: oneDNN
-    where it is clearly faster than torch.mm's MKL, as on AMD's Zen 5, where MKL runs AVX2 code and
-    charlm's own AVX-512 kernels showed more than 100% of torch.mm's peak)."""
+    fp32 runs in the library the plan's fp32 matmuls use (charlm/model/matmuls.py: torch.mm, or
+    oneDNN with plan.matmul=onednn, as auto takes on AMD CPUs with AVX-512, where MKL runs AVX2 code)."""
 
     def __init__(self, device: torch.device):
         self.device = device
-        # bf16 no faster than fp32 (emulated, or AVX-512 BF16 without AMX): where emulated, a 2048^3
-        # matmul takes tens of seconds, and a smaller one shows the rate
-        self.slow_bf16 = device.type == "cpu" and matmul_micros(torch.bfloat16) >= matmul_micros(torch.float32)
+        # bf16 no faster than fp32 (emulated, or AVX-512 BF16 without AMX: auto's precision is fp32
+        # there): where emulated, a 2048^3 matmul takes tens of seconds, and a smaller one shows the rate
+        self.slow_bf16 = device.type == "cpu" and plans.auto_precision(device)[0] == "fp32"
         self.size = {"fp32": 2048, "bf16": 256 if self.slow_bf16 else 2048}
         g = torch.Generator().manual_seed(0)
         self.operands = {
@@ -146,7 +149,7 @@ def _rows(args: BenchConfig) -> list[tuple[str, int, int, int, int, bool]]:
     return rows
 
 
-def bench_training(args: BenchConfig, device: torch.device, peak: Peak) -> Iterator[str]:
+def bench_training(args: BenchConfig, device: torch.device, peak: Peak, precision: Precision) -> Iterator[str]:
     yield (f"training: tokens/s, median (min-max) of {args.reps} repetitions of {args.steps} steps (more where"
              f" {args.steps} steps hold under {MIN_TOKENS:,} tokens, so that a small model's repetition is not"
              " lost in noise; models=given takes steps as given); the matmul rate is 6 x weights outside the"
@@ -155,25 +158,30 @@ def bench_training(args: BenchConfig, device: torch.device, peak: Peak) -> Itera
              " against the peak just before it (the better of two matmuls); without dropout, each path the"
              " recipe's training takes")
     for name, d_model, n_layers, batch, seq, drops in _rows(args):
-        yield from _train_row(args, device, peak, name, d_model, n_layers, batch, seq, drops)
+        yield from _train_row(args, device, peak, precision, name, d_model, n_layers, batch, seq, drops)
 
 
 MIN_TOKENS = 16_000  # per timed repetition: 5 default steps hold 32,000, Tiny Shakespeare's 8,000
 
 
-def _train_row(args: BenchConfig, device: torch.device, peak: Peak, name: str,
-               d_model: int, n_layers: int, batch: int, seq: int, drops_embeddings: bool) -> list[str]:
+def _train_row(args: BenchConfig, device: torch.device, peak: Peak, precision: Precision, name: str,
+               d_model: int, n_layers: int, batch: int, seq: int, drops_embeddings: bool) -> Iterator[str]:
     torch.manual_seed(0)
-    tc = TrainConfig(batch_size=batch, seq_len=seq)
     plain = PlainGRU(d_model, n_layers).to(device)
-    plain_opt = torch.optim.Adam(plain.parameters(), lr=1e-3)
     ours = CharLM(ModelConfig(d_model=d_model, n_layers=n_layers, dropout=0.0)).to(device)
     ours.load_state_dict(plain.state_dict())  # same names, same initial weights
-    if drops_embeddings:  # so the recipe's training reads them: time that path
-        ours.reads_a_table = lambda x: False
+    # where the recipe drops the embeddings, its training reads them: time that path
+    with plans.use(replace(plans.current(), table="off") if drops_embeddings else plans.current()):
+        yield from _train_rows(args, device, peak, precision, name, plain, ours, batch, seq)
+
+
+def _train_rows(args: BenchConfig, device: torch.device, peak: Peak, precision: Precision, name: str,
+                plain: nn.Module, ours: CharLM, batch: int, seq: int) -> list[str]:
+    d_model, n_layers = ours.config.d_model, ours.config.n_layers
+    tc = TrainConfig(batch_size=batch, seq_len=seq)
+    plain_opt = torch.optim.Adam(plain.parameters(), lr=1e-3)
     table = ours.reads_a_table(torch.zeros(batch, seq, dtype=torch.long, device=device))
     ours_opt = make_optimizer(ours, tc)
-    precision = choose_precision(args.precision, ours, device, (batch, seq))
     steps = args.steps if args.models == "given" else max(args.steps, -(-MIN_TOKENS // (batch * seq)))
     batches = _batches(steps, batch, seq, device)
 
@@ -229,12 +237,13 @@ def _of_peak(flops: float, fraction: float, precision: str) -> str:
     return f"{flops / 1e9:6.1f} GFLOP/s = {fraction:4.0%} of the {precision} peak"
 
 
-def bench_sampling(args: BenchConfig, device: torch.device, peak: Peak) -> Iterator[str]:
+def bench_sampling(args: BenchConfig, device: torch.device, peak: Peak, precision: Precision) -> Iterator[str]:
     peaks = {"fp32": peak.best("fp32"), "bf16": peak.best("bf16")}
     # where bf16 matmuls are no faster than fp32, bf16 decoding is set against the higher peak, fp32's
     against = {"fp32": "fp32", "bf16": "fp32" if peak.slow_bf16 else "bf16"}
     yield (f"sampling: bytes/s at temperature 0.8, state carried (one step per byte), median of {args.sample_reps};"
-           f" decoding on the CPU: {native.status()}; peaks fp32 {peaks['fp32']:.0f}, bf16 {peaks['bf16']:.0f}"
+           f" decoding on the CPU: {native.status(plans.current().kernels)};"
+           f" peaks fp32 {peaks['fp32']:.0f}, bf16 {peaks['bf16']:.0f}"
            " GFLOP/s, best of 5 before it; bf16: sample.py precision=bf16"
            + (", set against the fp32 peak (bf16 matmuls are no faster here)" if peak.slow_bf16 else ""))
     widths = sorted({row[1] for row in _rows(args) if row[1] >= 256} or {args.d_model})
@@ -273,6 +282,13 @@ def main(argv: list[str]) -> int:
 def _bench(args: BenchConfig) -> int:
     device = resolve_device(args.device)
     keep_freed_memory()  # as the trainer does
+    plan, why, _ = plans.resolve(args.plan, device, args.precision)
+    precision = plan_precision(plan.precision, ("auto: " if args.precision == "auto" else "") + why["precision"])
+    with plans.use(plan):
+        return _bench_with(args, device, plan, precision)
+
+
+def _bench_with(args: BenchConfig, device: torch.device, plan: plans.Plan, precision: Precision) -> int:
     cpu = platform.processor() or platform.machine()
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
@@ -283,18 +299,20 @@ def _bench(args: BenchConfig) -> int:
         + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else f" ({cpu})")
         + f" | {torch.get_num_threads()} threads | CPU capability {torch.backends.cpu.get_cpu_capability()}"
     )
+    print(f"plan: {plan.line()}")
     if device.type == "cpu":
-        print(f"GRU time loops: {native.status()}" + (f"; {native.matmuls()}" if native.ops() else ""))
+        print(f"GRU time loops: {native.status(plan.kernels)}"
+              + (f"; {native.matmuls(plan.kernels)}" if plan.kernels != "off" else ""))
     peak = Peak(device)
     fp32, bf16 = peak.best("fp32"), peak.best("bf16")
-    fp32_by = f" by {matmuls.library()}" if device.type == "cpu" else ""
+    fp32_by = f" by {'oneDNN' if plan.matmul == 'onednn' else 'torch.mm'}" if device.type == "cpu" else ""
     print(f"matmul peak at the start, best of 5 {peak.size['fp32']}^3 matmuls: fp32 {fp32:.0f} GFLOP/s{fp32_by}, bf16 "
           + (f"{bf16:.2f} GFLOP/s (no faster than fp32 on this CPU, {peak.size['bf16']}^3)" if peak.slow_bf16
              else f"{bf16:.0f} GFLOP/s")
           + "; each row below is set against the peak measured beside it", flush=True)
     for name, section in (("training", bench_training), ("sampling", bench_sampling)):
         if name != args.skip:
-            for line in section(args, device, peak):
+            for line in section(args, device, peak, precision):
                 print(line, flush=True)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     print(f"peak memory: {rss:,.0f} MiB resident"

@@ -2,11 +2,13 @@
 
     python -m charlm.doctor
 
-Runs every path this machine offers on a tiny model, in about a minute: for the CPU and each CUDA
-device, in fp32 and bf16 and with both GRU cells, the real trainer (6 steps), a resume in the
-other precision, the sampler and the evaluator; then two processes under torchrun (gloo on the
-CPU, NCCL where two GPUs exist). Prints a matrix of ✓ / ✗ with timings, and the precision
-train.precision=auto would choose for the default models. Exit status 1 if any path failed.
+Prints the plan `python train.py` follows on this machine (charlm.plan), each part with the
+reason auto chose it, then runs every path this machine offers on a tiny model, in about a
+minute: the kernels against PyTorch's operations, and for the CPU and each CUDA device, in fp32
+and bf16 and with both GRU cells and the LSTM, the real trainer (6 steps), a resume in the other
+precision, the sampler and the evaluator; then two processes under torchrun (gloo on the CPU,
+NCCL where two GPUs exist). Prints a matrix of ✓ / ✗ with timings. Exit status 1 if any path
+failed.
 """
 from __future__ import annotations
 
@@ -19,19 +21,19 @@ import sys
 import tempfile
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
-from unittest import mock
 
 import numpy as np
 import torch
 
+from charlm import plan as plans
 from charlm.checkpoint import load_checkpoint, model_from_state
 from charlm.config import DataConfig, DoctorConfig, ModelConfig, RunConfig, TrainConfig
-from charlm.device import choose_precision, matmul_micros
 from charlm.inference.sampling import sample_text
 from charlm.inference.scoring import evaluate_loss
-from charlm.model import fused_gru, matmuls, native
+from charlm.model import native
 from charlm.model.network import CharLM
 from charlm.model.stepping import Stepper
 from charlm.training.loop import train
@@ -97,17 +99,14 @@ def check_native() -> str:
     model = CharLM(ModelConfig(d_model=32, n_layers=2, dropout=0.0))
     x = torch.randint(0, 256, (4, 16))
     grads, probs = [], []
-    for use in (True, False):
-        with mock.patch.object(fused_gru, "_native", fused_gru._native if use else (lambda dtype: None)):
+    for kernels in (plans.current().kernels, "off"):  # the plan's kernels, then PyTorch's operations
+        with plans.use(replace(plans.current(), kernels=kernels)):
             model.zero_grad()
             model(x)[0].sum().backward()
             grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
-        steps = [Stepper(model.eval(), precision) for precision in ("fp32", "bf16")]
-        if not use:
-            for step in steps:
-                step.native = None
-        with torch.no_grad():
-            probs.append(torch.stack([step(x[:, 0], model.init_hidden(4))[0] for step in steps]))
+            steps = [Stepper(model.eval(), precision) for precision in ("fp32", "bf16")]
+            with torch.no_grad():
+                probs.append(torch.stack([step(x[:, 0], model.init_hidden(4))[0] for step in steps]))
         model.train()
     diff = max(float((grads[0] - grads[1]).abs().max()), float((probs[0] - probs[1]).abs().max()))
     if diff > 1e-4:
@@ -115,18 +114,9 @@ def check_native() -> str:
     return f"training and decoding (fp32, bf16) agree with PyTorch's operations (largest difference {diff:.1g})"
 
 
-def auto_choices(device: torch.device) -> list[str]:
-    """What train.precision=auto picks for the default models on this device."""
-    from charlm.commands.settings import run_config
-
-    lines = []
-    for name in ("timemachine", "tinyshakespeare"):  # each with its recipe, as train.py takes it
-        cfg = run_config([f"data={name}"])
-        m, batch = cfg.model, (cfg.train.batch_size, cfg.train.seq_len)
-        p = choose_precision("auto", CharLM(m).to(device), device, batch)
-        lines.append(f"  data={name} ({m.d_model}x{m.n_layers}, batch {batch[0]}x{batch[1]}) on {device}:"
-                     f" {p.name} ({p.why})")
-    return lines
+def _with_plan(plan: plans.Plan, fn: Callable[[], str]) -> str:
+    with plans.use(plan):
+        return fn()
 
 
 def _row(label: str, fn: Callable[[], str]) -> tuple[bool, str]:
@@ -155,17 +145,19 @@ def _doctor(_: DoctorConfig) -> int:
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     print(f"charlm doctor | torch {torch.__version__} | {cpu} | CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()} | {torch.get_num_threads()} threads | {gpus} CUDA GPU(s)")
-    fp32_us, bf16_us = matmul_micros(torch.float32), matmul_micros(torch.bfloat16)
-    speed = "faster than fp32" if bf16_us < fp32_us else "no faster than fp32 (fp32 is the choice here)"
-    print(f"CPU bf16 matmuls are {speed}:"
-          f" {bf16_us:.0f} µs against {fp32_us:.0f} µs in fp32 for 256x256 @ 256x768")
-    ops = native.ops()
-    print(f"CPU GRU time loops and decoding: {native.status()}"
-          + (f", on {ops.threads()} threads; {native.matmuls()}" if ops else ""))
-    print(f"CPU float32 training matmuls (input projections, gradients, output layer): {matmuls.status()}")
+    plan, why, _ = plans.resolve()
+    print(f"plan: {plan.line()}")
+    for part, reason in why.items():
+        print(f"  {part}={getattr(plan, part)}: {reason}")
+    ops = native.load(plan.kernels) if plan.kernels != "off" else None
+    print(f"CPU GRU time loops and decoding: {native.status(plan.kernels)}"
+          + (f", on {ops.threads()} threads; {native.matmuls(plan.kernels)}" if ops else ""))
+    for device in range(gpus):
+        precision, reason = plans.auto_precision(torch.device(f"cuda:{device}"))
+        print(f"cuda:{device}: precision={precision} ({reason})")
     results = []
     if ops is not None:
-        results.append(_row("cpu fused kernels", check_native))
+        results.append(_row("cpu kernels", lambda: _with_plan(plan, check_native)))
     with tempfile.TemporaryDirectory(prefix="charlm-doctor-") as tmp:
         work = Path(tmp)
         text = work / "text.txt"
@@ -183,10 +175,6 @@ def _doctor(_: DoctorConfig) -> int:
             results.append(_row("2 processes, NCCL (cuda)", lambda: check_ddp(text, work, "cuda")))
         else:
             print(f"{'2 processes, NCCL (cuda)':<34} - needs two GPUs, this machine has {gpus}")
-    print("train.precision=auto would choose:")
-    for device in devices:
-        for line in auto_choices(torch.device(device)):
-            print(line)
     failed = sum(not ok for ok, _ in results)
     print(f"{len(results) - failed} passed, {failed} failed")
     return 1 if failed else 0

@@ -36,7 +36,15 @@ def evaluate(cfg: EvaluateConfig, data_given: bool = True) -> dict[str, Any]:
     """`python evaluate.py`: score a split (or a whole file) and print the figures.
 
     Without data= on the command line (data_given False), the checkpoint's own corpus is scored.
+    The plan cfg.plan resolves to says which kernels score it.
     """
+    from charlm import plan as plans
+
+    with plans.use(plans.resolve(cfg.plan, "cpu", "fp32")[0]):
+        return _evaluate(cfg, data_given)
+
+
+def _evaluate(cfg: EvaluateConfig, data_given: bool) -> dict[str, Any]:
     from charlm.inference.scoring import dynamic_loss, evaluate_loss, metrics
 
     if cfg.html and (Path(cfg.html).is_dir() or not Path(cfg.html).resolve().parent.is_dir()):

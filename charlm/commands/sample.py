@@ -36,10 +36,18 @@ def read_prompt(cfg: SampleConfig) -> str:
 
 
 def sample(cfg: SampleConfig) -> None:
-    """Print the prompt and `length` new bytes (per sample) to stdout, streamed.
+    """Print the prompt and `length` new bytes (per sample) to stdout, streamed, following the plan
+    cfg.plan resolves to (the kernels that decode).
 
     With stop=..., a sample ends after the first occurrence of that text instead.
     """
+    from charlm import plan as plans
+
+    with plans.use(plans.resolve(cfg.plan, "cpu", "fp32")[0]):
+        _sample(cfg)
+
+
+def _sample(cfg: SampleConfig) -> None:
     import random
 
     import torch  # only once the config is known to be good

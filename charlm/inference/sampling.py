@@ -32,7 +32,7 @@ def next_byte(
         return log_probs.argmax(dim=-1)
     if top_k is None and top_p is None and log_probs.device.type == "cpu":
         ops = native.ops()
-        if ops is not None:  # the same draw in one call (native_gru.cpp)
+        if ops is not None:  # the same draw in one call (kernels/decoding.cpp)
             return ops.draw(log_probs, float(temperature), generator)
     logits = log_probs.float() / temperature
     if top_k is not None and top_k < logits.size(-1):

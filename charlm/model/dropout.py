@@ -1,11 +1,11 @@
-"""Dropout for the CPU with F.dropout's semantics, its mask drawn by native_gru.cpp.
+"""Dropout for the CPU with F.dropout's semantics, its mask drawn by the kernels (kernels/dropout.cpp).
 
-F.dropout on the CPU draws every element from one mt19937 stream in turn: 13.7 ms for a default
-Time Machine batch (64 x 100 x 256), three times a step (the embedding, between the layers, before
-the output layer), a quarter of the step. dropout_mask hashes each element's index with a seed
-drawn from PyTorch's generator, vectorised on both cores: the same Bernoulli(1 - p) mask scaled
-by 1 / (1 - p), reproducible under torch.manual_seed and across an exact resume (the trainer saves
-the generator's state). Elsewhere (no kernels, CUDA, another dtype) it is F.dropout.
+F.dropout on the CPU draws every element from one mt19937 stream in turn, one element after
+another on one core, three times a step (the embedding, between the layers, before the output
+layer). dropout_mask hashes each element's index with a seed drawn from PyTorch's generator,
+vectorised on every thread: the same Bernoulli(1 - p) mask scaled by 1 / (1 - p), reproducible
+under torch.manual_seed and across an exact resume (the trainer saves the generator's state).
+Elsewhere (the plan's kernels off, CUDA, another dtype) it is F.dropout.
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ Why it is faster than autograd through nn.GRU on CPU: only the recurrent matmul 
 elementwise work on its (B, H) slices run per time step, in cache. The input projections, every
 weight gradient and the input gradient are one large matmul each over all T*B positions,
 where autograd through nn.GRU does a small weight-gradient matmul at every step. The two time
-loops are one call each into charlm/model/native_gru.cpp where it builds (charlm.model.native),
+loops are one call each into charlm/model/kernels/gru_loops.cpp where it builds (charlm.model.native),
 else forward_loop and backward_loop below, the same computation in PyTorch's operations. In
 fp32 or under bf16 autocast (bf16 matmuls; gates and state float32). `python -m charlm.bench`
 measures it.
@@ -30,7 +30,7 @@ from charlm.model.matmuls import mm, mm_tn
 
 
 def forward_loop(gi, h0, w_hh_t, b_hh, b_ih=None):
-    """The time loop of the forward pass in PyTorch's operations: what native_gru.cpp's
+    """The time loop of the forward pass in PyTorch's operations: what the kernels'
     gru_forward computes. gi (T, B, 3H) = W_i x (+ b_i where b_ih is None) and w_hh_t (H, 3H) in
     the matmul dtype, h0 (B, H), b_hh and b_ih float32 -> out (T, B, H) float32, out in the matmul
     dtype, and the gates saved for backward_loop: rz (T, B, 2H), n (T, B, H), ghn = W_hn h + b_hn
@@ -56,7 +56,7 @@ def forward_loop(gi, h0, w_hh_t, b_hh, b_ih=None):
 
 
 def backward_loop(d_out, h0, out, rz, n, ghn, w_hh):
-    """The time loop of the backward pass in PyTorch's operations: what native_gru.cpp's
+    """The time loop of the backward pass in PyTorch's operations: what the kernels'
     gru_backward computes. -> d_gi = dL/d(W_i x + b_i), d_gh = dL/d(W_h h + b_h), each (T, B, 3H)
     in the dtype of w_hh (3H, H), dL/dh0 (B, H), and the bias gradients dL/db_i, dL/db_h (3H)."""
     seq, batch, hid = out.shape
@@ -83,7 +83,7 @@ class GRULayer(torch.autograd.Function):
 
     mm_dtype: the dtype of every matmul (float32, or bfloat16 under bf16 autocast: the weights
     are cast once per call); the gates, the state and the gradients it returns keep the dtype of
-    the weights. The time loops are native_gru.cpp's where it loads, else forward_loop and
+    the weights. The time loops are the kernels' where the plan runs them, else forward_loop and
     backward_loop.
     """
 
@@ -174,7 +174,7 @@ def _loop_backward(ctx: Any, d_out) -> tuple:
 
 
 def _native(mm_dtype: torch.dtype) -> Optional[Any]:
-    """native_gru.cpp's ops where they load and take this dtype (float32, bfloat16), else None."""
+    """The plan's kernels where they are on and take this dtype (float32, bfloat16), else None."""
     return native.ops() if mm_dtype in (torch.float32, torch.bfloat16) else None
 
 
@@ -205,9 +205,8 @@ def fused_gru(gru: nn.GRU, x: torch.Tensor, h0: torch.Tensor | None,
 def can_fuse(gru: nn.Module, x: torch.Tensor) -> bool:
     """True where fused_gru is used: a float32 nn.GRU on CPU, in float32 or under bf16 autocast,
     run eagerly (export, tracing and torch.compile see nn.GRU itself). Without gradients
-    (the trainer's evaluations, evaluate.py) only where native_gru.cpp's loops load: they are
-    2-10 times as fast as nn.GRU's own C++ loop there, and PyTorch's operations step by step are
-    slower than it (docs/speed.md)."""
+    (the trainer's evaluations, evaluate.py) only where the plan's kernels run: they are faster
+    than nn.GRU's own C++ loop there, and PyTorch's operations step by step are slower than it."""
     if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing() or torch.compiler.is_compiling():
         return False
     return (

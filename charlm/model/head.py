@@ -1,7 +1,7 @@
 """The output layer and its log-softmax in one autograd step on the CPU: log_softmax(x W^T + b).
 
 What CharLM's head computes (nn.Linear, then log_softmax in float32), with fewer passes over the
-(N, 256) logits: the matmul runs without its bias, native_gru.cpp's log_softmax_rows adds the
+(N, 256) logits: the matmul runs without its bias, the kernels' log_softmax_rows (kernels/log_softmax.cpp) adds the
 bias and normalises each row in one pass (bfloat16 logits read straight into float32), and its
 backward gives the logits' gradient in the matmul dtype and the bias gradient in one pass more.
 nn.Linear's path takes five (the bias, the cast, the log-softmax, its backward, the cast back)

@@ -17,6 +17,7 @@ import warnings
 import torch
 from torch import nn
 
+from charlm import plan
 from charlm.config import ModelConfig
 from charlm.model import head
 from charlm.model.dropout import dropout
@@ -76,11 +77,11 @@ class CharLM(nn.Module):
         return self._head(out, h)
 
     def reads_a_table(self, x: torch.Tensor) -> bool:
-        """Whether forward(x) runs fused_gru from the bytes (GRUTableLayer): a GRU on the fused
-        path, at least 256 positions (the table's rows), no dropout on the embeddings."""
+        """Whether forward(x) runs fused_gru from the bytes (GRUTableLayer): the plan's table on, a
+        GRU on the fused path, at least 256 positions (the table's rows), no dropout on the embeddings."""
         embed_dropout = self.training and self.config.dropout > 0 and self.config.embed_dropout
         return (self.config.cell == "reset_after" and x.numel() >= VOCAB_SIZE and not embed_dropout
-                and can_fuse(self.gru, self.embed.weight))
+                and plan.current().table == "on" and can_fuse(self.gru, self.embed.weight))
 
     def _head(self, out: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = dropout(out, self.config.dropout, self.training)
@@ -111,21 +112,17 @@ class CharLM(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-_onednn_lstm = True  # until oneDNN, asked once, cannot build an LSTM on this CPU
-
-
 def _run_lstm(lstm: nn.LSTM, x: torch.Tensor, hc: tuple[torch.Tensor, torch.Tensor] | None) -> tuple:
-    """nn.LSTM through oneDNN's fused kernel where oneDNN has one for this CPU, else PyTorch's own
-    loop (same results: oneDNN finds no LSTM implementation on some instruction sets, e.g. with
-    ONEDNN_MAX_CPU_ISA=AVX2)."""
-    global _onednn_lstm
-    if _onednn_lstm or x.device.type != "cpu":
-        try:
-            return lstm(x, hc)
-        except RuntimeError as e:
-            if "primitive descriptor" not in str(e) or x.device.type != "cpu":
-                raise
-            _onednn_lstm = False
+    """nn.LSTM through oneDNN's fused kernel or PyTorch's own loop on the CPU, as the plan says
+    (plan.lstm: oneDNN finds no LSTM implementation on some instruction sets, e.g. with
+    ONEDNN_MAX_CPU_ISA=AVX2, and the two round differently)."""
+    if x.device.type != "cpu":
+        return lstm(x, hc)
+    # the plan's choice; under an autocast of the caller's own (outside a run's plan), the same
+    # check the plan makes for bf16 (charlm.plan.onednn_lstm_works)
+    bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    if plan.current().lstm == "onednn" and (not bf16 or plan.onednn_lstm_works(True)):
+        return lstm(x, hc)
     with warnings.catch_warnings():  # flags() also sets TF32 and warns that there is no Intel GPU
         warnings.simplefilter("ignore", UserWarning)
         with torch.backends.mkldnn.flags(enabled=False):

@@ -21,7 +21,7 @@ class Stepper:
     reset-before cell and the LSTM step through the model's own forward. With gates=True each
     layer is stepped with charlm.model.gru's step_with_gates or lstm_step_with_gates (the same
     maths), which also give its gates. On the CPU the nn.GRU step is one call into
-    charlm/model/native_gru.cpp where it loads (charlm.model.native), else PyTorch's operations.
+    charlm/model/kernels/decoding.cpp where the plan runs the kernels (charlm.plan), else PyTorch's operations.
     precision="bf16" rounds the matmuls' weights and inputs to bfloat16 and keeps their sums, the
     gates and the state in float32 (the other cells: their forward under bf16 autocast); half the
     bytes to read, and AVX-512 BF16's pair products, where the CPU has them. Build it after the
@@ -33,7 +33,7 @@ class Stepper:
         self.precision = precision
         self.fast = isinstance(model.recurrent, torch.nn.GRU)
         self.weights = [layer_weights(model.recurrent, k) for k in range(model.config.n_layers)]
-        self.native = None  # native_gru.cpp's ops, for the nn.GRU step on the CPU
+        self.native = None  # the kernels' ops, for the nn.GRU step on the CPU
         if not self.fast:
             return
         # bf16: the matmuls' weights and inputs rounded to bfloat16, their sums and the gates float32
@@ -48,7 +48,7 @@ class Stepper:
             self.w_hh_t = self.rounded(torch.stack([w[1].t() for w in self.weights]))  # (L, D, 3D)
             self.b_hh = torch.stack([w[3] for w in self.weights]).unsqueeze(1)  # (L, 1, 3D)
             self.head = (self.rounded(model.head.weight.t().contiguous()), model.head.bias.detach())
-        # native_gru.cpp's gru_decode: the whole step in one call, on the CPU in float32 parameters
+        # the kernels' gru_decode: the whole step in one call, on the CPU in float32 parameters
         on_cpu = self.table.device.type == "cpu" and self.table.dtype == torch.float32
         self.native = native.ops() if on_cpu else None
         if self.native is not None:
@@ -97,7 +97,7 @@ class Stepper:
     def write(self, log_probs: torch.Tensor, h: torch.Tensor, temperature: float, steps: int,
               generator: Optional[torch.Generator] = None, stop: bytes = b"", tail: bytes = b""
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`steps` turns of sampling's loop in one kernel call (native_gru.cpp's gru_write): draw the
+        """`steps` turns of sampling's loop in one kernel call (kernels/decoding.cpp's gru_write): draw the
         next byte from log_probs (N, 256) as next_byte would, then step on it. -> (bytes (k, N),
         log_probs, h) after the last; k < steps only where one text's bytes, after `tail`, reach
         `stop`. The same bytes, state and generator state as the loop, without Python per byte."""

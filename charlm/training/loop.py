@@ -3,8 +3,8 @@
     train(cfg, out_dir)                 set up the processes, build a Trainer, run it
       charlm.training.step              load_splits (the text, cut by position: train | val | test),
                                         make_optimizer, train_step (forward, backward, clipping)
-      Trainer                           model, optimizer, schedule (charlm.training.schedule), precision,
-                                        counters
+      Trainer                           model, optimizer, schedule (charlm.training.schedule), the
+                                        plan (charlm.plan: which code computes a step), counters
         run                             the loop: next_batch -> train_step -> share_across_ranks
                                         -> step_or_skip -> log -> evaluate_and_save, until the steps
                                         or the time run out
@@ -23,6 +23,7 @@ from typing import Any, Optional
 import torch
 
 from charlm import checkpoint as ckpt
+from charlm import plan as plans
 from charlm.config import RunConfig
 from charlm.data.batches import StreamBatches, random_batch
 from charlm.device import keep_freed_memory, resolve_device
@@ -42,14 +43,6 @@ EVAL_SEQ_LEN = 256  # bytes per window when the trainer scores the validation sp
 SAMPLE_TEMPERATURE = 0.8  # of the sample written at each evaluation
 
 
-
-
-
-
-
-
-
-
 class Trainer:
     """One run: its model, optimizer, schedule, precision, batches and counters (see run())."""
 
@@ -60,6 +53,8 @@ class Trainer:
         say = report.say
         if tc.device == "auto":
             say(f"device: {device} (train.device=auto{'' if device.type == 'cuda' else ', no CUDA GPU found'})")
+        # the plan first (it may compile the kernels): every choice of code made once, before any step
+        self.plan, self.precision, plan_note = state.run_plan(cfg, device, ddp, resume_state)
         torch.manual_seed(cfg.seed)
         self.train_data, self.val_data, val_total = load_splits(cfg, say)
         self.batches = StreamBatches(self.train_data, tc.batch_size, tc.seq_len) if tc.batching == "stream" else None
@@ -71,8 +66,6 @@ class Trainer:
         self.clock = Clock(tc.max_seconds, self.counters.seconds, self.counters.step, len(self.val_data))
         self.scheduler = make_scheduler(self.optimizer, tc, self.clock)
         self.lanes = ddp.lanes(tc.batch_size)
-        batch = (self.lanes.stop - self.lanes.start, tc.seq_len)
-        self.precision = state.run_precision(tc, self.model, device, ddp, batch, resume_state)
         if ddp.world > 1:  # its own dropout masks on each rank; the batch order below stays shared
             torch.manual_seed(distributed.dropout_seed(cfg.seed, ddp.rank))
         self.generator = torch.Generator().manual_seed(cfg.seed)  # random batching (every rank draws alike)
@@ -84,8 +77,11 @@ class Trainer:
         if ddp.main:
             if cfg.overwrite and resume_state is None:
                 clear_run(out_dir)  # the run is set up: only now is the old one deleted
-            write_run_config(out_dir, cfg)
+            write_run_config(out_dir, cfg, self.plan)
         report.open(out_dir, cfg, resumed_at=self.counters.step if resume_state else None)
+        self.report.say(f"plan: {self.plan.line()}")
+        if plan_note:
+            self.report.say(plan_note)
         self.report.say(f"precision: {self.precision.name} ({self.precision.why}) | "
                         f"{self.precision.parts(cfg.model.cell, device)}")
         if note is not None:
@@ -230,7 +226,6 @@ class Trainer:
         return f"{failure}, then {again} (training stopped at step {self.counters.step}; {saved})"
 
 
-
     def stopped(self, signum: int) -> dict[str, Any]:
         """After a signal: the step in hand is finished; keep everything up to it."""
         self.save("last.pt")
@@ -281,7 +276,9 @@ def train(cfg: RunConfig, out_dir: Path, resume_state: Optional[dict[str, Any]] 
     lock = None
     try:
         lock = _claim(ddp, out_dir, resuming=resume_state is not None, overwrite=cfg.overwrite)
-        return Trainer(cfg, out_dir, ddp, device, report, resume_state, init_state).run()
+        trainer = Trainer(cfg, out_dir, ddp, device, report, resume_state, init_state)
+        with plans.use(trainer.plan):
+            return trainer.run()
     finally:
         if lock is not None:
             lock.release()
@@ -302,22 +299,8 @@ def _claim(ddp: distributed.Dist, out_dir: Path, resuming: bool, overwrite: bool
     return lock
 
 
-
-
-
-
 def _val_scored(scored: int, total: int) -> str:
     """How much of the validation split each evaluation scores, for the header."""
     if scored == total:
         return f"{total:,}"
     return f"{total:,} (each evaluation scores the first {scored:,}: train.eval_bytes)"
-
-
-
-
-
-
-
-
-
-

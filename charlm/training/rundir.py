@@ -137,12 +137,16 @@ def clear_run(out_dir: Path) -> None:
     _remove(out_dir, run_files(out_dir))
 
 
-def write_run_config(out_dir: Path, cfg: Any) -> None:
-    """The run's resolved settings (a RunConfig) as out_dir/config.yaml, written atomically."""
+def write_run_config(out_dir: Path, cfg: Any, plan: Any = None) -> None:
+    """The run's resolved settings (a RunConfig) as out_dir/config.yaml, written atomically; its
+    `plan:` section is the plan the run follows (charlm.plan.Plan), every part resolved."""
     import yaml
 
+    settings = asdict(cfg)
+    if plan is not None:
+        settings["plan"] = asdict(plan)
     try:
-        atomic_write(out_dir / "config.yaml", yaml.safe_dump(asdict(cfg), sort_keys=False, allow_unicode=True).encode())
+        atomic_write(out_dir / "config.yaml", yaml.safe_dump(settings, sort_keys=False, allow_unicode=True).encode())
     except OSError as e:
         raise CharlmError(write_error(out_dir / "config.yaml", e) + ", then run the same command again") from None
 

@@ -1,8 +1,8 @@
 """Every key of a training checkpoint, packed and unpacked in one place.
 
     pack(trainer) -> state          model, optimizer, scheduler, Counters, RNG states of every rank,
-                                    precision, the carried hidden state, the run's config
-    counters(state), restore(trainer, state), run_precision(...)   the way back
+                                    the plan (precision included), the carried hidden state, the config
+    counters(state), restore(trainer, state), run_plan(...)   the way back
     start_from(model, state, source)    a fine-tuning run's first weights
 """
 from __future__ import annotations
@@ -14,9 +14,10 @@ from typing import Any, Optional
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from charlm import plan as plans
 from charlm.checkpoint import model_state, run_settings
-from charlm.config import TrainConfig
-from charlm.device import Precision, choose_precision
+from charlm.config import RunConfig, TrainConfig
+from charlm.device import Precision, plan_precision
 from charlm.model.network import CharLM
 from charlm.training import distributed
 
@@ -59,6 +60,7 @@ def pack(trainer: Any) -> dict[str, Any]:
             "ranks": [{"torch": t, "cuda": c} for t, c in zip(ranks_rng, ranks_cuda or [None] * ddp.world)],
         },
         "precision": {"bf16": trainer.precision.bf16, "why": trainer.precision.why},
+        "plan": asdict(trainer.plan),
         "hidden": hidden,
         "config": asdict(trainer.cfg),
     }
@@ -84,18 +86,25 @@ def start_from(model: CharLM, init_state: dict[str, Any], source: str) -> str:
             " fresh optimizer and schedule from step 0")
 
 
-def run_precision(
-    tc: TrainConfig, model: CharLM, device: torch.device, ddp: distributed.Dist, batch: tuple[int, int],
-    resume_state: Optional[dict[str, Any]],
-) -> Precision:
-    """train.precision for this run: auto is decided once, by rank 0, and a resume keeps the decision."""
-    saved = (resume_state or {}).get("precision")
-    if tc.precision == "auto" and saved is not None:
-        why = saved["why"].removeprefix("auto: ")
-        return Precision(saved["bf16"], f"auto, as decided when the run started: {why}")
-    chosen = choose_precision(tc.precision, model, device, batch) if ddp.main else Precision(False, "")
-    (bf16,) = ddp.from_main([float(chosen.bf16)])  # every rank trains in rank 0's choice
-    return Precision(bool(bf16), chosen.why or "rank 0's choice")
+def run_plan(cfg: RunConfig, device: torch.device, ddp: distributed.Dist, resume_state: Optional[dict[str, Any]]
+             ) -> tuple[plans.Plan, Precision, str]:
+    """The run's plan (charlm.plan): its settings, auto's choices replaying the plan a resumed
+    checkpoint saved -> (plan, its precision, a note where the saved plan could not be replayed).
+    Every rank trains in rank 0's precision."""
+    state = resume_state or {}
+    saved = plans.from_saved(state.get("plan"))
+    if not saved and state.get("precision") is not None:  # a checkpoint from before plans: its precision
+        saved = {"precision": "bf16" if state["precision"]["bf16"] else "fp32"}
+    plan, why, note = plans.resolve(cfg.plan, device, cfg.train.precision, saved)
+    (bf16,) = ddp.from_main([float(plan.bf16)])
+    if bool(bf16) != plan.bf16:
+        plan, why["precision"] = replace(plan, precision="bf16" if bf16 else "fp32"), "rank 0's choice"
+    reason = why["precision"]
+    if cfg.train.precision == "auto" and not reason.startswith("as the checkpoint"):
+        reason = f"auto: {reason}"
+    elif reason.startswith("as the checkpoint"):
+        reason = "auto, as decided when the run started"
+    return plan, plan_precision(plan.precision, reason), note
 
 
 def _apply_rates(optimizer: torch.optim.Optimizer, scheduler: LambdaLR, tc: TrainConfig, saved: dict) -> None:

@@ -1,6 +1,11 @@
-"""The fused C++ kernels (charlm/model/native_gru.cpp) compute what the PyTorch path does: the
-GRU's time loops in fp32 and bf16, batch-1 and batch-64 decoding, the draw of the next byte; and
-without them (CHARLM_NATIVE=0, no compiler) everything still runs."""
+"""charlm's C++ kernels (charlm/model/kernels/) compute what the PyTorch path does: the GRU's
+time loops in fp32 and bf16, the weight gradients, batch-1 and batch-64 decoding, the draw of the
+next byte, the dropout mask; and without them (plan.kernels=off, CHARLM_NATIVE=0, no compiler)
+everything still runs.
+
+Each check against a reference runs for the build a plan names: by default the one auto picks
+here; with CHARLM_TEST_BUILDS=all, every build this CPU runs (CI does both), so that an AVX-512
+machine also checks the code an older CPU runs."""
 import os
 import subprocess
 import sys
@@ -9,12 +14,25 @@ import pytest
 import torch
 
 from charlm import CharLM, ModelConfig
+from charlm import plan as plans
 from charlm.inference import sampling
 from charlm.model import fused_gru, native
 from charlm.model.stepping import Stepper
+from conftest import builds_under_test, with_plan
 
-ops = native.ops()
-needs_native = pytest.mark.skipif(ops is None, reason=f"the fused kernels are not available: {native.status()}")
+
+@pytest.fixture(params=builds_under_test())
+def build(request):
+    """A kernel build under test, with a plan that runs it in use."""
+    if native.load(request.param) is None:
+        pytest.skip(f"the {request.param} kernels are not available: {native.status(request.param)}")
+    with with_plan(kernels=request.param):
+        yield request.param
+
+
+@pytest.fixture
+def ops(build):
+    return native.load(build)
 
 
 def _layer_inputs(dtype, seq=7, batch=5, hid=24, seed=0):
@@ -26,13 +44,12 @@ def _layer_inputs(dtype, seq=7, batch=5, hid=24, seed=0):
     return gi, h0, w_hh, b_hh
 
 
-@needs_native
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 # at::mm's loop (24 units); the micro-kernels' loop, rows in whole tiles on every thread, and with
 # a part tile (13 rows)
 @pytest.mark.parametrize("batch,hid", [(5, 24), (96, 64), (13, 32)])
 @pytest.mark.parametrize("input_bias", [False, True], ids=["gi-with-bias", "bias-added-in-loop"])
-def test_native_time_loops_equal_the_pytorch_loops(dtype, tol, batch, hid, input_bias):
+def test_the_time_loops_equal_the_pytorch_loops(ops, dtype, tol, batch, hid, input_bias):
     gi, h0, w_hh, b_hh = _layer_inputs(dtype, batch=batch, hid=hid)
     b_ih = torch.randn(3 * hid, generator=torch.Generator().manual_seed(1)) if input_bias else None
     w_hh_t = w_hh.t().contiguous()
@@ -55,48 +72,38 @@ def test_native_time_loops_equal_the_pytorch_loops(dtype, tol, batch, hid, input
     assert len(ours) == len(theirs) == 5
 
 
-@needs_native
 @pytest.mark.skipif(torch.get_num_threads() < 2, reason="one thread: nothing to share the work with")
-def test_the_kernels_loops_run_on_every_thread_pytorch_uses():
+def test_the_kernels_loops_run_on_every_thread_pytorch_uses(ops):
     """Built without OpenMP, at::parallel_for would run each loop on one thread (the kernels were
     as slow on two cores as on one)."""
     assert ops.threads() == torch.get_num_threads()
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        return set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split(":")[1].split())
-    except (OSError, StopIteration):
-        return set()
+# the micro-kernel each build's training loops use for fp32 and bf16 recurrent matmuls
+MICRO_KERNELS = {"portable": ("at::mm", "at::mm"), "avx2": ("avx2", "at::mm"), "avx512": ("avx512", "at::mm"),
+                 "avx512bf16": ("avx512", "avx512_bf16"), "amx": ("avx512", "at::mm")}
 
 
-@needs_native
-@pytest.mark.skipif(not {"avx2", "fma"} <= _cpu_flags() or os.environ.get("ATEN_CPU_CAPABILITY") == "default",
-                    reason="no AVX2 and FMA here: the recurrent matmuls run in at::mm")
-def test_the_recurrent_matmuls_run_in_charlms_micro_kernel_where_the_cpu_has_the_instructions():
-    """Built without the vector instructions (no -march, a lost #if), the time loops would fall back
-    to one at::mm a step, and lose a fifth of a training step's speed."""
-    flags = _cpu_flags()
-    assert ops.recurrent_matmul("float32") in ("avx2", "avx512")
-    if "avx512_bf16" in flags and "amx_bf16" not in flags and os.environ.get("ATEN_CPU_CAPABILITY") != "avx2":
-        assert ops.recurrent_matmul("bfloat16") == "avx512_bf16"
-    else:  # emulated bf16, AVX2 only, or AMX, which oneDNN's at::mm uses
-        assert ops.recurrent_matmul("bfloat16") == "at::mm"
-    assert "recurrent matmuls: fp32 by charlm's" in native.matmuls()
+def test_each_build_runs_the_micro_kernels_its_instructions_allow(ops, build):
+    """Built without its vector instructions (a lost flag, a lost #if), a build's time loops would
+    fall back to one at::mm a step and lose a fifth of a training step's speed. The amx build
+    leaves bf16 to oneDNN's at::mm, which uses AMX."""
+    assert (ops.recurrent_matmul("float32"), ops.recurrent_matmul("bfloat16")) == MICRO_KERNELS[build]
+    if build != "portable":
+        assert "recurrent matmuls: fp32 by charlm's" in native.matmuls(build)
 
 
-def _pair_kernel_built() -> bool:
-    """Whether mm_tn's pair kernel is built here: the same build as the bf16 micro-kernel's."""
+def _pair_kernel_built(ops) -> bool:
+    """Whether mm_tn's pair kernel is built: the same build as the bf16 micro-kernel's."""
     return ops.recurrent_matmul("bfloat16") == "avx512_bf16"
 
 
-@needs_native
 # whole tiles on both threads; rows past the last whole tile (13, 21); more rows of K than a chunk
-# holds; one row; none; a width the tile does not take (40 on AVX-512)
+# holds; one row; none; a width the tile does not take (40)
 @pytest.mark.parametrize("k,m,n", [(300, 96, 64), (300, 13, 32), (333, 21, 64), (1, 8, 32), (0, 8, 32),
                                    (200, 16, 40)])
-def test_the_float32_weight_gradient_matmul_equals_the_exact_product_to_float32_rounding(k, m, n):
-    """mm_tn(a, b) = a^T b in float32: the kernels' tile where it is built and takes the width
+def test_the_float32_weight_gradient_matmul_equals_the_exact_product_to_float32_rounding(ops, build, k, m, n):
+    """mm_tn(a, b) = a^T b in float32: the AVX-512 builds' tile where it takes the width
     (tn_kernel), at::mm elsewhere; both within float32 rounding of the float64 product."""
     g = torch.Generator().manual_seed(k + m)
     a = torch.randn(k, m, generator=g)
@@ -105,16 +112,14 @@ def test_the_float32_weight_gradient_matmul_equals_the_exact_product_to_float32_
     assert out.dtype == torch.float32 and out.shape == (m, n)
     exact = a.double().t() @ b.double()
     torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-5 * max(1, k) ** 0.5)
-    if ops.recurrent_matmul("float32") in ("avx2", "avx512"):
-        assert ops.tn_kernel("float32", m, n) == (n % (32 if ops.recurrent_matmul("float32") == "avx512" else 16) == 0)
+    assert ops.tn_kernel("float32", m, n) == (build in ("avx512", "avx512bf16", "amx") and n % 32 == 0)
 
 
-@needs_native
 # whole tiles on both threads; a thread's columns not a multiple of 32 (packed 8 at a time); an
 # odd K (the last pair half zeros); one row; none; shapes the pair kernel does not take
 @pytest.mark.parametrize("k,m,n", [(300, 96, 64), (301, 24, 64), (37, 16, 32), (1, 8, 32), (0, 8, 32),
                                    (200, 12, 64), (200, 16, 40)])
-def test_the_weight_gradient_matmul_equals_the_float32_product_of_its_bfloat16_operands(k, m, n):
+def test_the_weight_gradient_matmul_equals_the_float32_product_of_its_bfloat16_operands(ops, k, m, n):
     """mm_tn(a, b) = a^T b (a weight gradient: positions x features on both sides), float32 out.
     Through the pair kernel (M a multiple of 8, N of 32, where it is built) the sums stay float32
     to the end: within float32 rounding of the exact product, which at::mm's bfloat16 result is
@@ -125,7 +130,7 @@ def test_the_weight_gradient_matmul_equals_the_float32_product_of_its_bfloat16_o
     out = ops.mm_tn(a, b)
     assert out.dtype == torch.float32 and out.shape == (m, n)
     exact = a.double().t() @ b.double()
-    pairs = _pair_kernel_built() and m % 8 == 0 and n % 32 == 0
+    pairs = _pair_kernel_built(ops) and m % 8 == 0 and n % 32 == 0
     tol = 1e-5 if pairs else 1e-2
     torch.testing.assert_close(out.double(), exact, rtol=tol, atol=tol * max(1, k) ** 0.5)
     if pairs and k >= 37:  # at::mm's rounding to bfloat16 is outside that tolerance
@@ -133,14 +138,13 @@ def test_the_weight_gradient_matmul_equals_the_float32_product_of_its_bfloat16_o
         assert not torch.allclose(rounded, exact, rtol=tol, atol=tol * k**0.5)
 
 
-@pytest.fixture(params=["native", "pytorch"])
-def gru_path(request, monkeypatch):
-    """fused_gru's time loops in the kernels, or in PyTorch's operations."""
-    if request.param == "native" and ops is None:
-        pytest.skip(f"the fused kernels are not available: {native.status()}")
-    if request.param == "pytorch":
-        monkeypatch.setattr(fused_gru, "_native", lambda dtype: None)
-    return request.param
+@pytest.fixture(params=[*builds_under_test(), "off"])
+def gru_path(request):
+    """fused_gru's time loops in a build of the kernels, or in PyTorch's operations (kernels=off)."""
+    if request.param != "off" and native.load(request.param) is None:
+        pytest.skip(f"the {request.param} kernels are not available: {native.status(request.param)}")
+    with with_plan(kernels=request.param):
+        yield request.param
 
 
 @pytest.mark.parametrize("from_bytes", [False, True], ids=["embeddings", "bytes"])
@@ -182,17 +186,18 @@ def test_fused_gru_under_bf16_autocast_stays_within_bf16_rounding_of_nn_gru(gru_
         assert (a - b).norm() / b.norm() < 0.03
 
 
-@needs_native
 @pytest.mark.parametrize("precision,batch,d_model", [("fp32", 1, 48), ("fp32", 64, 48), ("bf16", 1, 48),
                                                      ("bf16", 1, 256), ("bf16", 64, 48), ("bf16", 3, 33)])
-def test_native_decoding_step_equals_the_pytorch_step(precision, batch, d_model):
+def test_the_decoding_step_equals_the_pytorch_step(build, precision, batch, d_model):
     """The kernels' step against PyTorch's operations on the same numbers: float32, or with
     precision="bf16" the weights and inputs rounded to bf16 and float32 sums, which differs from
     float32's step by that rounding and no more."""
     torch.manual_seed(0)
     m = CharLM(ModelConfig(d_model=d_model, n_layers=3)).eval()
-    fast, plain, fp32 = Stepper(m, precision), Stepper(m, precision), Stepper(m)
-    plain.native = None
+    fast, fp32 = Stepper(m, precision), Stepper(m)
+    with with_plan(kernels="off"):
+        plain = Stepper(m, precision)
+    assert fast.native is not None and plain.native is None
     bf16 = precision == "bf16"
     assert fast.native_weights[-1][1].dtype == (torch.bfloat16 if bf16 else torch.float32)  # what the kernels got
     byte, h = torch.randint(0, 256, (batch,)), torch.randn(3, batch, d_model) * 0.5
@@ -207,25 +212,23 @@ def test_native_decoding_step_equals_the_pytorch_step(precision, batch, d_model)
             byte, h = lp_plain.argmax(-1), h_plain
 
 
-@needs_native
-def test_native_draw_picks_what_the_pytorch_draw_picks(monkeypatch):
+def test_the_draw_picks_what_the_pytorch_draw_picks(ops):
     """Same generator, same numbers: the same bytes (temperature applied, zero-probability bytes never)."""
     g = torch.Generator().manual_seed(0)
     log_probs = torch.log_softmax(torch.randn(64, 256, generator=g) * 3, dim=-1)
     log_probs[:, 7] = float("-inf")  # a byte that can never come
     for temperature in (0.5, 1.0, 1.7):
         fast = [ops.draw(log_probs, temperature, torch.Generator().manual_seed(s)) for s in range(20)]
-        monkeypatch.setattr(native, "ops", lambda: None)
-        plain = [sampling.next_byte(log_probs, temperature, None, torch.Generator().manual_seed(s)) for s in range(20)]
-        monkeypatch.undo()
+        with with_plan(kernels="off"):
+            plain = [sampling.next_byte(log_probs, temperature, None, torch.Generator().manual_seed(s))
+                     for s in range(20)]
         same = sum(int((a == b).sum()) for a, b in zip(fast, plain))
         assert same >= 64 * 20 - 1, same  # a draw that lands within float rounding of a boundary may differ
         assert all(int((a == 7).sum()) == 0 for a in fast)
 
 
-@needs_native
 @pytest.mark.parametrize("batch,precision", [(1, "fp32"), (3, "fp32"), (1, "bf16"), (3, "bf16")])
-def test_writing_bytes_in_one_kernel_call_gives_what_the_loop_gives(batch, precision):
+def test_writing_bytes_in_one_kernel_call_gives_what_the_loop_gives(ops, batch, precision):
     """Stepper.write: the same bytes, log-probabilities, state and generator state as drawing and
     stepping byte by byte."""
     torch.manual_seed(0)
@@ -245,8 +248,7 @@ def test_writing_bytes_in_one_kernel_call_gives_what_the_loop_gives(batch, preci
     assert torch.equal(g_once.get_state(), g_loop.get_state())
 
 
-@needs_native
-def test_a_conversation_written_in_chunks_stops_where_the_byte_loop_stops(monkeypatch):
+def test_a_conversation_written_in_chunks_stops_where_the_byte_loop_stops(build, monkeypatch):
     """Conversation.write with the kernel's chunks and byte by byte: the same text, ending just
     after the stop sequence, and the same state to carry into the next turn."""
     model = CharLM(ModelConfig(d_model=48, n_layers=2))
@@ -280,7 +282,8 @@ def _train_and_sample_in_a_new_process(cwd, **env) -> subprocess.CompletedProces
         "with torch.autocast('cpu', dtype=torch.bfloat16):\n"
         "    lp, _ = m(torch.randint(0, 256, (2, 9)))\n"
         "lp.sum().backward()\n"
-        "print(native.status())\n"
+        "from charlm import plan\n"
+        "print(native.status(plan.current().kernels))\n"
         "print(len(sample_text(m.eval(), 'ab', 10, generator=torch.Generator().manual_seed(0))[0]))\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True,
@@ -293,7 +296,7 @@ def _train_and_sample_in_a_new_process(cwd, **env) -> subprocess.CompletedProces
 def test_without_the_kernels_everything_runs_and_says_which_path(tmp_path):
     """CHARLM_NATIVE=0, as on a machine without a compiler: training and sampling still work."""
     proc = _train_and_sample_in_a_new_process(tmp_path, CHARLM_NATIVE="0")
-    assert proc.stdout.splitlines()[0] == "PyTorch operations (CHARLM_NATIVE=0 turns the fused kernels off)"
+    assert proc.stdout.splitlines()[0] == "PyTorch operations (plan kernels=off)"
 
 
 def test_a_failed_build_is_one_line_and_training_goes_on(tmp_path):
@@ -301,20 +304,17 @@ def test_a_failed_build_is_one_line_and_training_goes_on(tmp_path):
     PyTorch path."""
     proc = _train_and_sample_in_a_new_process(tmp_path, CHARLM_CACHE=str(tmp_path / "cache"), CXX="false")
     err = proc.stderr.strip().splitlines()
-    assert err[0].startswith("charlm: compiling the fused GRU kernels for this CPU, once")
-    assert err[1].startswith("charlm: PyTorch operations (the fused kernels did not build: ")
+    build = plans.auto_kernels()[0]
+    assert err[0].startswith(f"charlm: compiling the {build} kernels, once")
+    assert err[1].startswith(f"charlm: PyTorch operations (the {build} kernels did not build: ")
     assert err[1].endswith("; training and sampling go on, slower") and len(err) == 2, err
-    assert proc.stdout.startswith("PyTorch operations (the fused kernels did not build")
+    assert proc.stdout.startswith("PyTorch operations (plan kernels=off)")
 
 
-@pytest.mark.parametrize("native_on", [True, False])
-def test_dropout_keeps_1_minus_p_scaled_repeats_under_a_seed_and_passes_gradients(native_on, monkeypatch):
+def test_dropout_keeps_1_minus_p_scaled_repeats_under_a_seed_and_passes_gradients(gru_path):
+    """The kernels' hashed mask, or F.dropout's where the kernels are off."""
     from charlm.model.dropout import dropout
 
-    if native_on and ops is None:
-        pytest.skip(f"the fused kernels are not available: {native.status()}")
-    if not native_on:
-        monkeypatch.setattr(native, "ops", lambda: None)
     x = torch.randn(64, 100, 32, requires_grad=True)
     torch.manual_seed(5)
     y = dropout(x, 0.3, training=True)
