@@ -31,10 +31,12 @@ from typing import Any, Optional
 
 import torch
 
+from charlm import plan
+
 KERNELS = Path(__file__).with_name("kernels")
 
 _lock = threading.Lock()
-_loaded: dict[tuple[str, str], tuple[Optional[Any], str]] = {}  # (build, source dir) -> (ops, status)
+_loaded: dict[tuple[str, str], tuple[Optional[Any], str]] = {}  # (build, source dir or "") -> (ops, status)
 
 
 def sources(where: Path = KERNELS) -> list[Path]:
@@ -54,9 +56,7 @@ def cflags(build: str, namespace: str) -> list[str]:
     loaded). -fno-trapping-math: the gate loops' clamps and NaN checks may become vector selects
     (without it, GCC vectorizes them for AVX-512, which masks, but not for AVX2). Hidden symbols:
     two builds in one process never resolve each other's functions."""
-    from charlm.plan import build_flags
-
-    return ["-O3", *build_flags(build), "-fno-math-errno", "-fno-trapping-math", "-fopenmp",
+    return ["-O3", *plan.build_flags(build), "-fno-math-errno", "-fno-trapping-math", "-fopenmp",
             "-fvisibility=hidden", f"-DCHARLM_LIBRARY_NS={namespace}"]
 
 
@@ -83,15 +83,22 @@ def namespace(build: str, where: Path = KERNELS) -> str:
     return f"charlm_{build}_{hashlib.sha256(str(where.resolve()).encode()).hexdigest()[:8]}"
 
 
+def _key(build: str, where: Path) -> tuple[str, str]:
+    # the package's own sources need no filesystem call: ops() asks on every layer and every byte
+    return (build, "") if where is KERNELS else (build, str(where.resolve()))
+
+
 def load(build: str, where: Path = KERNELS) -> Optional[Any]:
     """torch.ops.<namespace(build)> with every kernel, built or loaded once per process; None
     where the build cannot be made here (status(build) says why)."""
-    key = (build, str(where.resolve()))
-    if key not in _loaded:
+    key = _key(build, where)
+    found = _loaded.get(key)
+    if found is None:
         with _lock:
             if key not in _loaded:
                 _loaded[key] = _load(build, where)
-    return _loaded[key][0]
+            found = _loaded[key]
+    return found[0]
 
 
 def status(build: str, where: Path = KERNELS) -> str:
@@ -99,13 +106,11 @@ def status(build: str, where: Path = KERNELS) -> str:
     if build == "off":
         return "PyTorch operations (plan kernels=off)"
     load(build, where)
-    return _loaded[(build, str(where.resolve()))][1]
+    return _loaded[_key(build, where)][1]
 
 
 def ops() -> Optional[Any]:
     """The kernels of the plan in use (charlm.plan.current()), or None where its kernels are off."""
-    from charlm import plan
-
     build = plan.current().kernels
     return None if build == "off" else load(build)
 
