@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,8 +30,11 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from charlm import CharLM, ModelConfig  # noqa: E402
 from charlm import plan as plans  # noqa: E402
+from charlm.inference import sampling  # noqa: E402
 from charlm.model import fused_gru, native  # noqa: E402
+from charlm.model.stepping import Stepper  # noqa: E402
 
 
 def kernels_of(rev: str, into: Path) -> Path:
@@ -72,6 +76,21 @@ def cases(H: int = 256, B: int = 64, T: int = 100) -> list[tuple[str, Callable[[
         ("dropout_mask p=0.2 (kept fraction)", lambda k: (k.dropout_mask(x, 0.2, 1) != 0).float().mean(),
          lambda: (F.dropout(x, 0.2) != 0).float().mean()),
     ]
+    # decoding one byte of a 256x2 model: the kernels' step on the weights as Stepper lays them out,
+    # against Stepper's own step in PyTorch's operations
+    torch.manual_seed(0)
+    model = CharLM(ModelConfig(d_model=H, n_layers=2)).eval()
+    fast = Stepper(model)
+    with plans.use(replace(plans.current(), kernels="off")):
+        plain = Stepper(model)
+    byte, h = torch.tensor([116]), torch.randn(2, 1, H) * 0.5
+    log_probs = torch.log_softmax(torch.randn(64, 256, generator=g) * 3, dim=-1)
+    rows += [
+        ("gru_decode 256x2, one byte", lambda k: k.gru_decode(byte, h, *fast.native_weights)[0],
+         lambda: plain(byte, h)[0]),
+        ("draw, 64 rows at T=0.8 (same bytes)", lambda k: k.draw(log_probs, 0.8, torch.Generator().manual_seed(0)),
+         lambda: sampling.next_byte(log_probs, 0.8, None, torch.Generator().manual_seed(0))),
+    ]
     return rows
 
 
@@ -87,6 +106,11 @@ def main() -> int:
     parser.add_argument("--against", help="a commit whose kernels to time beside this checkout's")
     parser.add_argument("--reps", type=int, default=15)
     args = parser.parse_args()
+    with plans.use(replace(plans.current(), kernels=args.build)):  # the build under test, for Stepper
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
     versions = {"this checkout": native.load(args.build)}
     if versions["this checkout"] is None:
         raise SystemExit(f"the {args.build} kernels are not available: {native.status(args.build)}")
@@ -103,7 +127,7 @@ def main() -> int:
         print(f"{'op':<36}{'reference':>12}" + "".join(f"{name:>16}" for name in versions) + "   largest difference")
         for name, op, reference in cases():
             expect = reference()
-            diffs = [float((op(k).float() - expect.float()).abs().max()) for k in versions.values()]
+            diffs = [float((op(k).double() - expect.double()).abs().max()) for k in versions.values()]
             times: dict[str, list[float]] = {"reference": [], **{v: [] for v in versions}}
             for _ in range(args.reps):
                 times["reference"].append(micros(reference))

@@ -5,6 +5,7 @@ that help, docs/settings.md is written from it, and a test holds that file to it
 """
 from __future__ import annotations
 
+import math
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Optional
@@ -40,6 +41,28 @@ def path_keys(schema: type, prefix: str = "") -> tuple[str, ...]:
     return tuple(keys)
 
 
+INT64_MAX = 2**63 - 1
+
+
+def check_numbers(section: Any, prefix: str = "") -> None:
+    """Every number of a settings section is finite, and every integer fits in 64 bits: NaN, inf
+    and a 30-digit seed are one clear line here, not a silent wrong answer or a traceback from torch.
+
+    >>> check_numbers(SampleConfig(temperature=float("nan")))
+    Traceback (most recent call last):
+    charlm.errors.CharlmError: temperature must be a finite number, got nan
+    """
+    for f in fields(section):
+        value = getattr(section, f.name)
+        if isinstance(value, bool) or is_dataclass(value):
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise CharlmError(f"{prefix}{f.name} must be a finite number, got {value}")
+        if isinstance(value, int) and not -INT64_MAX <= value <= INT64_MAX:
+            raise CharlmError(f"{prefix}{f.name} must fit in 64 bits (at most {INT64_MAX} either side of 0),"
+                              f" got {value}")
+
+
 @dataclass
 class DataConfig:
     """Which text to train on and how to split it (fractions by position)."""
@@ -51,6 +74,7 @@ class DataConfig:
     val_frac: float = setting(0.05, "the next part, for validation; the test split gets the rest")
 
     def __post_init__(self) -> None:
+        check_numbers(self, "data.")
         if self.name not in CORPORA and self.name != "text":
             known = ", ".join([*CORPORA, "text"])
             raise CharlmError(f"unknown corpus data.name={self.name!r}; choose one of: {known}")
@@ -80,6 +104,9 @@ class ModelConfig:
     cell: str = setting(
         "reset_after", "`reset_after` (nn.GRU, cuDNN), `reset_before` (the Trax / d2l GRU cell) or `lstm` (nn.LSTM)")
 
+    def __post_init__(self) -> None:
+        check_numbers(self, "model.")
+
 
 @dataclass
 class PlanConfig:
@@ -102,6 +129,7 @@ class PlanConfig:
     threads: int = setting(0, "CPU threads a step runs on (0: PyTorch's default, one per core)")
 
     def __post_init__(self) -> None:
+        check_numbers(self, "plan.")
         check_choice(self.kernels, "plan.kernels",
                      ("auto", "off", "portable", "avx2", "avx512", "avx512bf16", "amx"))
         check_choice(self.matmul, "plan.matmul", ("auto", "torch", "onednn"))
@@ -149,6 +177,7 @@ class TrainConfig:
     on_nonfinite: str = setting("stop", "a NaN/inf loss or gradient: `stop` with a message, or `skip` the step")
 
     def __post_init__(self) -> None:
+        check_numbers(self, "train.")
         positive = ("batch_size", "seq_len", "max_steps", "eval_every", "log_every")
         for name in positive:
             if getattr(self, name) < 1:
@@ -208,6 +237,7 @@ class RunConfig:
         " events first (without it such a directory is refused)")
 
     def __post_init__(self) -> None:
+        check_numbers(self, "")
         _check_model(self.model)
 
 
@@ -237,6 +267,7 @@ class EvaluateConfig:
     plan: PlanConfig = field(default_factory=PlanConfig)
 
     def __post_init__(self) -> None:
+        check_numbers(self, "")
         check_choice(self.split, "split", (None, "train", "val", "test", "all"))
         check_choice(self.format, "format", ("text", "json"))
         check_device(self.device, "device")
@@ -276,6 +307,7 @@ class SampleConfig:
     plan: PlanConfig = field(default_factory=PlanConfig)
 
     def __post_init__(self) -> None:
+        check_numbers(self, "")
         check_choice(self.explain_format, "explain_format", ("text", "json"))
         check_choice(self.precision, "precision", ("fp32", "bf16"))
         if self.explain and self.num_samples != 1:
@@ -328,6 +360,7 @@ class ConvertConfig:
     flip_update_gate: bool = setting(False, "the weights use h' = (1-z)*h + z*n")
 
     def __post_init__(self) -> None:
+        check_numbers(self, "")
         check_choice(self.format, "format", ("keras", "trax"))
         for key in ("weights", "out"):
             if not getattr(self, key):
@@ -355,6 +388,7 @@ class BenchConfig:
     skip: str = setting("", "`training` or `sampling`: leave that part out", shown="none")
 
     def __post_init__(self) -> None:
+        check_numbers(self, "")
         for name in ("d_model", "n_layers", "batch_size", "seq_len", "steps", "reps", "sample_reps"):
             if getattr(self, name) < 1:
                 raise CharlmError(f"{name} must be at least 1, got {getattr(self, name)}")

@@ -56,36 +56,38 @@ def timemachine_cache(tmp_path: Path) -> Path:
     return cache
 
 
-def run_cli(script: str, *args: str, cwd: Path, check: bool = True, in_process: bool = True
-            ) -> subprocess.CompletedProcess:
+def run_cli(script: str, *args: str, cwd: Path, check: bool = True, in_process: bool = True,
+            stdin: str = "") -> subprocess.CompletedProcess:
     """Run train.py / sample.py / evaluate.py / `-m charlm.X` as a user would, from cwd: the finished
     command's exit status and output.
 
     By default in this process: the same entry point (runpy runs the script as __main__), without a
     new interpreter's start-up for every command. In a process of its own where a test needs one
-    (in_process=False) or where Hydra's own flags (-m sweeps, --cfg) are given.
+    (in_process=False) or where Hydra's own flags (-m sweeps, --cfg) are given. stdin: what is typed
+    into it, through a pipe (not a terminal).
     """
     own_args = args[1:] if script == "-m" else args
     if in_process and not any(a.startswith("-") and a not in ("-h", "--help") for a in own_args):
-        proc = _run_here(script, args, cwd)
+        proc = _run_here(script, args, cwd, stdin)
     else:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8",
                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         command = [sys.executable, *([script] if script == "-m" else [str(ROOT / script)]), *args]
         proc = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, encoding="utf-8",
-                              timeout=300)
+                              timeout=300, input=stdin)
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
     return proc
 
 
-def _run_here(script: str, args: tuple[str, ...], cwd: Path) -> subprocess.CompletedProcess:
-    """The command as __main__ in this process, with its own argv, working directory and output."""
+def _run_here(script: str, args: tuple[str, ...], cwd: Path, stdin: str = "") -> subprocess.CompletedProcess:
+    """The command as __main__ in this process, with its own argv, working directory, input and output."""
     out, err = io.StringIO(), io.StringIO()
     argv = [*args] if script == "-m" else [str(ROOT / script), *args]
-    saved_argv, saved_cwd, status = sys.argv, os.getcwd(), 0
+    saved_argv, saved_cwd, saved_stdin, status = sys.argv, os.getcwd(), sys.stdin, 0
     try:
         sys.argv = list(argv)
+        sys.stdin = io.StringIO(stdin)  # a pipe: not a terminal
         os.chdir(cwd)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
@@ -96,7 +98,7 @@ def _run_here(script: str, args: tuple[str, ...], cwd: Path) -> subprocess.Compl
             except SystemExit as e:
                 status = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     finally:
-        sys.argv = saved_argv
+        sys.argv, sys.stdin = saved_argv, saved_stdin
         os.chdir(saved_cwd)
     return subprocess.CompletedProcess(argv, status, out.getvalue(), err.getvalue())
 

@@ -194,3 +194,24 @@ def test_other_commands_bad_input(bad_checkpoints, case):
     proc = run_cli(*args, cwd=bad_checkpoints, check=False)
     assert_one_line_error(proc, *words)
     assert {p: p.stat().st_mtime_ns for p in bad_checkpoints.rglob("*")} == before  # nothing written
+
+
+# NaN, inf and numbers past 64 bits, for every command (one rule: charlm.config.check_numbers)
+NUMBER_CASES = [
+    ("sample.py", "temperature=nan", "temperature must be a finite number, got nan"),
+    ("sample.py", "seed=123456789012345678901234567890", "seed must fit in 64 bits"),
+    ("sample.py", "top_p=inf", "top_p must be a finite number, got inf"),
+    ("train.py", "train.lr=nan", "train.lr must be a finite number, got nan"),
+    ("train.py", "model.dropout=-inf", "model.dropout must be a finite number, got -inf"),
+    ("train.py", "seed=99999999999999999999", "seed must fit in 64 bits"),
+    ("train.py", "data.val_frac=nan", "data.val_frac must be a finite number"),
+    ("evaluate.py", "dynamic_lr=inf", "dynamic_lr must be a finite number, got inf"),
+]
+
+
+@pytest.mark.parametrize("script,setting,words", NUMBER_CASES, ids=[c[1] for c in NUMBER_CASES])
+def test_a_number_that_is_not_finite_or_too_large_is_one_line(tmp_path, script, setting, words):
+    extra = {"train.py": "out_dir=run", "sample.py": "length=1", "evaluate.py": "split=val"}[script]
+    proc = run_cli(script, setting, extra, cwd=tmp_path, check=False)
+    assert_one_line_error(proc, words)
+    assert not (tmp_path / "run").exists()  # refused before anything was written

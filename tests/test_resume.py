@@ -49,7 +49,7 @@ def test_the_runs_own_command_resumes_after_kill_9_then_stops_on_ctrl_c(work):
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
-    assert f"resumed from step {killed_at}" in out and "stopped by SIGINT" in out
+    assert f"resumed from step {killed_at}" in out and "stopped by SIGINT" in out and "train.resume=run" in out
     stopped_at = load_checkpoint(work / "run" / "last.pt")["step"]
     assert stopped_at > killed_at
 

@@ -1,4 +1,8 @@
 """python sample.py, end to end against a tiny trained run."""
+import os
+import subprocess
+import sys
+
 import pytest
 
 from charlm import load_model
@@ -99,30 +103,20 @@ def test_bad_values_get_one_line(workdir, arg, word):
     assert proc.returncode == 1 and word in proc.stderr and "Traceback" not in proc.stderr
 
 
-def interactive(workdir, typed: str, *args: str):
-    return interactive_all(workdir, [(typed, args)])[0]
+def interactive(workdir, typed: str, *args: str, in_process: bool = True):
+    return run_cli("sample.py", "interactive=true", *args, cwd=workdir, check=False, stdin=typed,
+                   in_process=in_process)
 
 
 def interactive_all(workdir, runs: list) -> list:
-    """`sample.py interactive=true` through a pipe, once for each (typed, args) of runs, side by side."""
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "PYTHONIOENCODING": "utf-8", "PYTHONPATH": str(ROOT)}
-    procs = [subprocess.Popen([sys.executable, str(ROOT / "sample.py"), "interactive=true", *args],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=workdir,
-                              env=env, text=True, encoding="utf-8") for _, args in runs]
-    done = []
-    for proc, (typed, _) in zip(procs, runs):
-        out, err = proc.communicate(typed, timeout=120)
-        done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
-    return done
+    """`sample.py interactive=true` with typed lines through a pipe, once for each (typed, args) of runs."""
+    return [run_cli("sample.py", "interactive=true", *args, cwd=workdir, check=False, stdin=typed)
+            for typed, args in runs]
 
 
 def test_interactive_writes_one_text_across_turns(workdir):
     """Through a pipe: a line in, `length` bytes out, the state carried; an empty line lets it go on."""
-    proc = interactive(workdir, "the grey\n\nswift fox\n", "length=20", "temperature=0")
+    proc = interactive(workdir, "the grey\n\nswift fox\n", "length=20", "temperature=0", in_process=False)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout.encode("utf-8")
     turns = [out[i * 21 : i * 21 + 20] for i in range(3)]
@@ -151,3 +145,27 @@ def test_interactive_sampling_settings_apply(workdir):
     assert turns[1].count(stop) == 1 and turns[1].endswith(stop) or (len(turns[1]) == 60 and stop not in turns[1])
     assert empty.stdout == "" and empty.returncode == 0  # Ctrl-D at once: nothing written
     assert refused.returncode == 1 and "interactive=true writes one text" in refused.stderr
+
+
+def _sample_in_a_shell(workdir, command: str, **env) -> subprocess.CompletedProcess:
+    full = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+    return subprocess.run(["bash", "-c", f"set -o pipefail; {command}"], cwd=workdir, env=full, capture_output=True,
+                          timeout=120)
+
+
+@pytest.mark.system
+def test_output_behaves_as_a_unix_tools_through_pipes_and_encodings(workdir):
+    """A reader that goes away (`| head`) ends sample.py quietly with the shell's 141; a prompt in
+    bytes that are not UTF-8 (a Latin-1 terminal's) comes back as those bytes; a stdout that is
+    not UTF-8 gets replacements, not a traceback. All three in one shell, one process each."""
+    sample = f"{sys.executable} {ROOT / 'sample.py'}"
+    both = _sample_in_a_shell(
+        workdir,
+        f"{sample} length=100000 seed=0 | head -c 20 > head.out; echo \"head: $?\"; "
+        f"{sample} $'prompt=caf\\xe9 ' length=8 seed=0 > latin1.out; echo \"latin1: $?\"; "
+        f"PYTHONIOENCODING=ascii {sample} prompt=déjà length=8 seed=0 > ascii.out; echo \"ascii: $?\"")
+    assert both.stdout.decode().split() == ["head:", "141", "latin1:", "0", "ascii:", "0"], both.stderr
+    assert b"Traceback" not in both.stderr and b"BrokenPipe" not in both.stderr, both.stderr
+    assert len((workdir / "head.out").read_bytes()) == 20
+    assert (workdir / "latin1.out").read_bytes().startswith(b"caf\xe9 ")  # the same byte back, not mangled
+    assert (workdir / "ascii.out").read_bytes().startswith(b"d?j?")  # ASCII can't show é: replaced

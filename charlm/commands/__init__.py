@@ -6,20 +6,54 @@ or sets an exit status; `run` is where a CharlmError becomes its one line and st
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any, Callable, Optional
 
 from charlm.errors import CharlmError
 
+SIGPIPE_STATUS = 141  # 128 + SIGPIPE: what a shell reports for a tool whose reader went away
+INTERRUPTED_STATUS = 130  # 128 + SIGINT
+
 
 def run(body: Callable[[], Optional[int]], error_status: int = 1) -> int:
     """Run a command's body: its exit status, or error_status after a CharlmError, which is shown
-    as one line, `error: <message>`, on stderr."""
+    as one line, `error: <message>`, on stderr. Its output behaves as a Unix tool's: a reader that
+    goes away (`| head`) ends it quietly with 141, Ctrl-C is one line and 130, and text the
+    terminal's encoding cannot show is written as bytes (UTF-8) or replaced (any other encoding)."""
+    forgiving_stdout()
     try:
         return body() or 0
     except CharlmError as e:
         print(f"error: {e}", file=sys.stderr)
         return error_status
+    except BrokenPipeError:
+        _silence_stdout()
+        return SIGPIPE_STATUS
+    except KeyboardInterrupt:
+        print("\ninterrupted (Ctrl-C)", file=sys.stderr)
+        return INTERRUPTED_STATUS
+
+
+def forgiving_stdout() -> None:
+    """stdout that writes what it is given: a prompt's bytes that are not UTF-8 (a Latin-1 terminal's,
+    which Python hands over as surrogate escapes) go out as the same bytes, and where stdout is not
+    UTF-8 what it cannot encode is replaced instead of ending the command."""
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is None:
+        return
+    encoding = (getattr(sys.stdout, "encoding", "") or "").lower().replace("-", "").replace("_", "")
+    reconfigure(errors="surrogateescape" if encoding == "utf8" else "replace")
+
+
+def _silence_stdout() -> None:
+    """After a closed pipe: point stdout at /dev/null, so that the flush at exit does not fail again
+    and print a traceback (Python's own advice for SIGPIPE)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no real file behind stdout (a test's capture)
+        pass
 
 
 def exit_on_error(body: Callable[[], Optional[int]]) -> None:

@@ -106,10 +106,10 @@ def sample_text(model: CharLM, prompt: str, length: int, stop: str = "", **kwarg
     With `stop`, each sample ends just after the first occurrence of stop in its new text.
     """
     num_samples = kwargs.get("num_samples", 1)
-    stop_bytes = stop.encode("utf-8")
+    stop_bytes = stop.encode("utf-8", "surrogateescape")
     steps: list[torch.Tensor] = []
     done = None  # (N,) bool: the sample's new text already holds stop
-    for byte in generate(model, prompt.encode("utf-8"), length, **kwargs):
+    for byte in generate(model, prompt.encode("utf-8", "surrogateescape"), length, **kwargs):
         steps.append(byte)
         if stop_bytes and len(steps) >= len(stop_bytes):  # end early once every sample holds stop
             tail = torch.stack(steps[-len(stop_bytes):], dim=1)  # (N, len(stop))
@@ -133,7 +133,7 @@ def stream_text(model: CharLM, prompt: str, length: int, stop: str = "", **kwarg
     was_training = model.training
     try:
         talk = Conversation(model, **kwargs)
-        talk.read(prompt.encode("utf-8"))
+        talk.read(prompt.encode("utf-8", "surrogateescape"))
         yield from talk.write_text(length, stop)
     finally:
         model.train(was_training)
@@ -195,7 +195,7 @@ class Conversation:
         """write() decoded as it goes: an incomplete UTF-8 character is held back until its last
         byte (or the end of the turn, where it becomes U+FFFD)."""
         decoder = StreamDecoder()
-        for byte in self.write(length, stop.encode("utf-8")):
+        for byte in self.write(length, stop.encode("utf-8", "surrogateescape")):
             piece = decoder.feed(byte)
             if piece:
                 yield piece

@@ -13,10 +13,11 @@ how the tests check every build this CPU runs against the same reference.
 
 The first use of a build compiles the files with the C++ compiler and ninja that
 torch.utils.cpp_extension uses, into ~/.cache/charlm/kernels (CHARLM_CACHE moves it); later runs
-load the cached library. The cache key holds the sources, torch, Python, the environment
-(sys.prefix) and the flags, so that two checkouts or two virtual environments never rebuild each
-other's. When a build cannot be made (no compiler, no ninja), one line says so, once, and the run
-computes the same things in PyTorch's operations.
+load the cached library. The cache key holds the sources' text, torch, Python, the environment
+(sys.prefix), the compiler and the flags, so that two virtual environments never rebuild each
+other's, and two checkouts of the same sources share one build. When a build cannot be made (no
+compiler, no ninja), one line says so, once, and the run computes the same things in PyTorch's
+operations.
 """
 from __future__ import annotations
 
@@ -68,11 +69,12 @@ def _compiler_version(compiler: str) -> bytes:
 
 
 def _build_key(build: str, where: Path, compiler: str) -> str:
-    """Sources (their text and where they are), torch, Python and its environment, the compiler and
-    the flags: a change to any builds anew."""
+    """The sources' text, torch, Python and its environment, the compiler and the flags: a change to
+    any builds anew. Two checkouts of the same sources share a build (a fresh clone compiles
+    nothing); sources elsewhere than the package's own have a namespace of their own (namespace())."""
     parts = [p.read_bytes() for p in sources(where)]
-    parts += [str(where.resolve()).encode(), torch.__version__.encode(), sys.version.encode(),
-              sys.prefix.encode(), _compiler_version(compiler), " ".join(cflags(build, "ns")).encode()]
+    parts += [torch.__version__.encode(), sys.version.encode(), sys.prefix.encode(), _compiler_version(compiler),
+              " ".join(cflags(build, "ns")).encode()]
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:12]
 
 
