@@ -293,15 +293,18 @@ def _train_and_sample_in_a_new_process(cwd, **env) -> subprocess.CompletedProces
     return proc
 
 
-def test_without_the_kernels_everything_runs_and_says_which_path(tmp_path):
-    """CHARLM_NATIVE=0, as on a machine without a compiler: training and sampling still work."""
-    proc = _train_and_sample_in_a_new_process(tmp_path, CHARLM_NATIVE="0")
-    assert proc.stdout.splitlines()[0] == "PyTorch operations (plan kernels=off)"
+def test_charlm_native_0_plans_without_the_kernels(monkeypatch):
+    """CHARLM_NATIVE=0 chooses the path a machine without a compiler takes (which the test below
+    runs in a fresh process): auto's kernels are off, and say why."""
+    monkeypatch.setenv("CHARLM_NATIVE", "0")
+    plan, why, _ = plans.resolve()
+    assert plan.kernels == "off" and why["kernels"] == "CHARLM_NATIVE=0 turns the kernels off"
+    assert plan.weight_grads == "library" and native.status(plan.kernels) == "PyTorch operations (plan kernels=off)"
 
 
 def test_a_failed_build_is_one_line_and_training_goes_on(tmp_path):
-    """A compiler that fails (here CXX=false, into an empty cache): one line on stderr, then the
-    PyTorch path."""
+    """A compiler that fails (here CXX=false, into an empty cache), as on a machine without one: one
+    line on stderr, then a bf16 training step and a sample in PyTorch's operations."""
     proc = _train_and_sample_in_a_new_process(tmp_path, CHARLM_CACHE=str(tmp_path / "cache"), CXX="false")
     err = proc.stderr.strip().splitlines()
     build = plans.auto_kernels()[0]
