@@ -7,6 +7,7 @@ Each check against a reference runs for the build a plan names: by default the o
 here; with CHARLM_TEST_BUILDS=all, every build this CPU runs (CI does both), so that an AVX-512
 machine also checks the code an older CPU runs."""
 import os
+import shutil
 import subprocess
 import sys
 
@@ -335,3 +336,25 @@ def test_dropout_keeps_1_minus_p_scaled_repeats_under_a_seed_and_passes_gradient
     assert abs(torch.corrcoef(torch.stack([k[:-1], k[1:]]))[0, 1].item()) < 0.02
     rows = kept.float().mean(dim=(1, 2))
     assert rows.std().item() < 0.02
+
+
+@pytest.mark.system
+def test_a_lock_left_by_a_killed_compile_does_not_block_the_next_run(tmp_path):
+    """torch's builder leaves `lock` in the build folder when its process dies mid-compile (kill -9,
+    a closed terminal, the OOM killer), and every later load waited on it forever; now the build
+    holds an flock, which the kernel drops with its holder, and clears such a lock."""
+    build = plans.auto_kernels()[0]
+    if build == "off" or native.load(build) is None:
+        pytest.skip("the kernels are not available here")
+    cache = tmp_path / "cache" / "kernels"  # a copy of this build's cache, so the test touches no real one
+    for folder in native.cache_dir().glob(f"charlm_{build}_*"):
+        shutil.copytree(folder, cache / folder.name)
+        (cache / folder.name / "lock").write_text("")  # what a killed compile leaves
+    code = f"from charlm.model import native\nprint(native.load({build!r}) is not None)"
+    env = {**os.environ, "CHARLM_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env=env)
+    assert proc.returncode == 0 and proc.stdout.strip() == "True", proc.stderr
+    assert "compiling" not in proc.stderr  # it loaded the copy, and waited on nothing
+    folders = list(cache.iterdir())  # this build's folder, and any of earlier sources
+    assert folders and len(list(cache.glob("*/lock"))) == len(folders) - 1  # the loaded one's lock is gone
