@@ -30,7 +30,11 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from charlm import CharLM, ModelConfig  # noqa: E402
+from charlm import (  # noqa: E402
+    CharLM,
+    ModelConfig,
+    cpu,  # noqa: E402
+)
 from charlm import plan as plans  # noqa: E402
 from charlm.inference import sampling  # noqa: E402
 from charlm.model import fused_gru, native  # noqa: E402
@@ -102,7 +106,7 @@ def micros(fn: Callable[[], Any]) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--build", default=plans.auto_kernels()[0], choices=list(plans.BUILDS))
+    parser.add_argument("--build", default=plans.auto_kernels()[0], choices=list(cpu.BUILDS))
     parser.add_argument("--against", help="a commit whose kernels to time beside this checkout's")
     parser.add_argument("--reps", type=int, default=15)
     args = parser.parse_args()

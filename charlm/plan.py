@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import platform
 import threading
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Iterator, Optional
@@ -38,25 +37,8 @@ from typing import Any, Iterator, Optional
 import torch
 
 from charlm.config import PlanConfig
+from charlm.cpu import AVX512_BUILDS, BUILDS, bf16_capped, cpu_flags, cpu_vendor, is_x86, runnable_builds
 from charlm.errors import CharlmError
-
-# The kernel builds, oldest CPUs first: the compiler's flags and the CPU flags (as /proc/cpuinfo
-# names them) each needs. x86-64-v2..v4 are the psABI's levels: v3 adds AVX2 and FMA, v4 AVX-512.
-_V2 = {"sse4_2", "popcnt", "ssse3", "cx16"}
-_V3 = _V2 | {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"}
-_V4 = _V3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
-BUILDS: dict[str, tuple[tuple[str, ...], frozenset[str]]] = {
-    "portable": (("-march=x86-64-v2",), frozenset(_V2)),
-    "avx2": (("-march=x86-64-v3",), frozenset(_V3)),
-    "avx512": (("-march=x86-64-v4",), frozenset(_V4)),
-    "avx512bf16": (("-march=x86-64-v4", "-mavx512bf16"), frozenset(_V4 | {"avx512_bf16"})),
-    # AMX's bfloat16 matmuls are oneDNN's: this build leaves bf16 training matmuls to at::mm
-    "amx": (("-march=x86-64-v4", "-mavx512bf16", "-mamx-tile", "-mamx-bf16"),
-            frozenset(_V4 | {"avx512_bf16", "amx_tile", "amx_bf16"})),
-}
-_AVX512_BUILDS = ("avx512", "avx512bf16", "amx")
-# How far ATEN_CPU_CAPABILITY (torch.backends.cpu.get_cpu_capability()) lets a build go.
-_CAP = {"DEFAULT": "portable", "AVX2": "avx2", "ZVECTOR": "portable", "VSX": "portable"}
 
 CHOICES = {
     "kernels": ("auto", "off", *BUILDS),
@@ -89,57 +71,6 @@ class Plan:
         return self.precision == "bf16"
 
 
-# --- what this machine offers -----------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=None)
-def cpu_flags() -> frozenset[str]:
-    """The CPU's instruction-set flags as Linux names them (empty where /proc/cpuinfo has none)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            line = next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        line = ""
-    return frozenset(line.partition(":")[2].split())
-
-
-@functools.lru_cache(maxsize=None)
-def cpu_vendor() -> str:
-    """'AuthenticAMD', 'GenuineIntel', ... ('' where /proc/cpuinfo does not say)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            line = next((line for line in f if line.startswith("vendor_id")), "")
-    except OSError:
-        line = ""
-    return line.partition(":")[2].strip()
-
-
-def is_x86() -> bool:
-    return platform.machine().lower() in ("x86_64", "amd64")
-
-
-def runnable_builds(flags: Optional[frozenset[str]] = None, capability: Optional[str] = None) -> list[str]:
-    """The kernel builds this CPU can run, oldest first, within ATEN_CPU_CAPABILITY's limit."""
-    if not is_x86():
-        return ["portable"]  # the compiler's defaults for this architecture (no x86 micro-kernels)
-    flags = cpu_flags() if flags is None else flags
-    cap = _CAP.get(capability or torch.backends.cpu.get_cpu_capability())
-    names = list(BUILDS)
-    usable = [b for b in names if BUILDS[b][1] <= flags]
-    return [b for b in usable if cap is None or names.index(b) <= names.index(cap)]
-
-
-def build_flags(build: str) -> tuple[str, ...]:
-    """The compiler's instruction-set flags for a build (none off x86: the compiler's default)."""
-    return BUILDS[build][0] if is_x86() else ()
-
-
-def _bf16_capped() -> bool:
-    """Whether ONEDNN_MAX_CPU_ISA keeps oneDNN below its bf16 instructions (CI runs as an AVX2 CPU)."""
-    limit = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
-    return limit not in ("ALL", "DEFAULT") and "BF16" not in limit and "AMX" not in limit
-
-
 # --- the rules of auto --------------------------------------------------------------------------
 
 
@@ -157,7 +88,7 @@ def auto_precision(device: torch.device, flags: Optional[frozenset[str]] = None,
     flags = cpu_flags() if flags is None else flags
     vendor = cpu_vendor() if vendor is None else vendor
     capability = capability or torch.backends.cpu.get_cpu_capability()
-    if _bf16_capped() or capability != "AVX512":
+    if bf16_capped() or capability != "AVX512":
         if "avx512_bf16" in flags or "amx_bf16" in flags:
             return "fp32", ("bf16 instructions are switched off for PyTorch here"
                             " (ONEDNN_MAX_CPU_ISA, ATEN_CPU_CAPABILITY)")
@@ -196,9 +127,16 @@ def auto_matmul(flags: Optional[frozenset[str]] = None, vendor: Optional[str] = 
 
 def auto_weight_grads(kernels: str) -> tuple[str, str]:
     """charlm's tile and pair kernels where the build has them (AVX-512), else the library's."""
-    if kernels in _AVX512_BUILDS:
+    if kernels in AVX512_BUILDS:
         return "charlm", f"the {kernels} build has weight-gradient kernels"
     return "library", "no weight-gradient kernel in this build" if kernels != "off" else "the kernels are off"
+
+
+def auto_lstm(bf16: bool) -> tuple[str, str]:
+    """oneDNN's fused LSTM where oneDNN builds one on this CPU in this precision, else PyTorch's loop."""
+    if onednn_lstm_works(bf16):
+        return "onednn", f"oneDNN builds {'a bf16' if bf16 else 'an fp32'} LSTM on this CPU"
+    return "pytorch", f"oneDNN has no {'bf16' if bf16 else 'fp32'} LSTM for this CPU"
 
 
 @functools.lru_cache(maxsize=None)
@@ -264,22 +202,13 @@ def resolve(settings: Optional[PlanConfig] = None, device: torch.device | str = 
     chosen_precision = pick("precision", precision, check_precision, lambda: auto_precision(device))
     if precision not in ("auto",):
         why["precision"] = f"train.precision={precision}"
-    kernels = pick("kernels", settings.kernels, _check_kernels, auto_kernels)
-    if kernels != "off" and not _loads(kernels):  # no compiler, a failed build: PyTorch's operations
-        from charlm.model import native
-
-        if saved.get("kernels") == kernels and settings.kernels == "auto":
-            cannot.append(f"kernels={kernels} ({native.status(kernels)}; kernels=off runs instead)")
-        elif settings.kernels != "auto":
-            raise CharlmError(f"plan.kernels={kernels} cannot run here: {native.status(kernels)}")
-        kernels, why["kernels"] = "off", native.status(kernels)
+    kernels = _built_or_off(pick("kernels", settings.kernels, _check_kernels, auto_kernels), settings.kernels,
+                            saved, why, cannot)
     matmul = pick("matmul", settings.matmul, _check_matmul, auto_matmul)
     weight_grads = pick("weight_grads", settings.weight_grads, lambda v: _check_weight_grads(v, kernels),
                         lambda: auto_weight_grads(kernels))
     bf16 = chosen_precision == "bf16"
-    lstm = pick("lstm", settings.lstm, lambda v: _check_lstm(v, bf16),
-                lambda: ("onednn", f"oneDNN builds {'a bf16' if bf16 else 'an fp32'} LSTM on this CPU")
-                if onednn_lstm_works(bf16) else ("pytorch", f"oneDNN has no {chosen_precision} LSTM for this CPU"))
+    lstm = pick("lstm", settings.lstm, lambda v: _check_lstm(v, bf16), lambda: auto_lstm(bf16))
     table = pick("table", settings.table, lambda v: "",
                  lambda: ("on", "the same values with a fifth less arithmetic, where nothing drops the embeddings"))
     threads = pick("threads", settings.threads, _check_threads,
@@ -293,6 +222,21 @@ def resolve(settings: Optional[PlanConfig] = None, device: torch.device | str = 
     return plan, why, note
 
 
+def _built_or_off(kernels: str, setting: str, saved: dict[str, Any], why: dict[str, str], cannot: list[str]) -> str:
+    """The chosen build where it compiles (once, cached) and loads; else off, as a machine without
+    a compiler runs (a forced build that cannot be made is a CharlmError)."""
+    from charlm.model import native
+
+    if kernels == "off" or native.load(kernels) is not None:
+        return kernels
+    if setting != "auto":
+        raise CharlmError(f"plan.kernels={kernels} cannot run here: {native.status(kernels)}")
+    if saved.get("kernels") == kernels:
+        cannot.append(f"kernels={kernels} ({native.status(kernels)}; kernels=off runs instead)")
+    why["kernels"] = native.status(kernels)
+    return "off"
+
+
 def _check_kernels(value: str) -> str:
     if value == "off":
         return ""
@@ -301,13 +245,6 @@ def _check_kernels(value: str) -> str:
     if value not in runnable_builds():
         return f"this CPU runs the builds {', '.join(runnable_builds()) or 'none'}"
     return ""
-
-
-def _loads(kernels: str) -> bool:
-    """Whether the build compiles (once, cached) and loads here."""
-    from charlm.model import native
-
-    return native.load(kernels) is not None
 
 
 def _check_matmul(value: str) -> str:
@@ -319,8 +256,8 @@ def _check_matmul(value: str) -> str:
 
 
 def _check_weight_grads(value: str, kernels: str) -> str:
-    if value == "charlm" and kernels not in _AVX512_BUILDS:
-        return (f"charlm's weight-gradient kernels are in the AVX-512 builds ({', '.join(_AVX512_BUILDS)}),"
+    if value == "charlm" and kernels not in AVX512_BUILDS:
+        return (f"charlm's weight-gradient kernels are in the AVX-512 builds ({', '.join(AVX512_BUILDS)}),"
                 f" not kernels={kernels}")
     return ""
 

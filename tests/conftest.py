@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from charlm import cpu
 from charlm import plan as plans
 from charlm.config import ModelConfig
 from charlm.model.network import CharLM
@@ -144,7 +145,7 @@ def builds_under_test() -> list[str]:
     with CHARLM_TEST_BUILDS=all (CI), or the builds named (CHARLM_TEST_BUILDS=portable,avx2)."""
     wanted = os.environ.get("CHARLM_TEST_BUILDS", "")
     if wanted == "all":
-        return plans.runnable_builds()
+        return cpu.runnable_builds()
     if wanted:
         return wanted.split(",")
     build = plans.auto_kernels()[0]

@@ -19,6 +19,7 @@ import pytest
 import torch
 import yaml
 
+from charlm import cpu
 from charlm import plan as plans
 from charlm.checkpoint import load_checkpoint, save_checkpoint
 from charlm.config import PlanConfig
@@ -77,7 +78,7 @@ def test_a_resume_replays_the_saved_plan_where_auto_would_choose_otherwise(work)
 
 
 def test_a_saved_plan_this_machine_cannot_run_says_what_runs_instead(work):
-    foreign = next((b for b in plans.BUILDS if b not in plans.runnable_builds()), None)
+    foreign = next((b for b in cpu.BUILDS if b not in cpu.runnable_builds()), None)
     if foreign is None:
         pytest.skip("this CPU runs every kernel build")
     run_cli("train.py", *RUN, "train.max_steps=4", "train.eval_every=2", "out_dir=run", cwd=work)
@@ -85,13 +86,13 @@ def test_a_saved_plan_this_machine_cannot_run_says_what_runs_instead(work):
     again = run_cli("train.py", "train.resume=run", "train.max_steps=6", cwd=work)
     auto = plans.auto_kernels()[0]
     assert (f"plan: this machine cannot run the checkpoint's kernels={foreign} (this CPU runs the builds "
-            f"{', '.join(plans.runnable_builds())}; kernels={auto} runs instead): the weights will not equal"
+            f"{', '.join(cpu.runnable_builds())}; kernels={auto} runs instead): the weights will not equal"
             " those of a run in one go bit for bit") in again.stdout
     assert f" kernels={auto} " in header_plan(again.stdout)
 
 
 def test_a_part_this_machine_cannot_run_is_one_line(work):
-    foreign = next((b for b in plans.BUILDS if b not in plans.runnable_builds()), None)
+    foreign = next((b for b in cpu.BUILDS if b not in cpu.runnable_builds()), None)
     args = (f"plan.kernels={foreign}",) if foreign else ("plan.kernels=off", "plan.weight_grads=charlm")
     proc = run_cli("train.py", *RUN, *args, "out_dir=run", cwd=work, check=False)
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1
@@ -115,7 +116,7 @@ def plan_variants() -> list[tuple[str, ...]]:
     if os.environ.get("CHARLM_TEST_PLANS") != "all":
         return variants
     auto = plans.current()
-    variants += [(f"plan.kernels={b}",) for b in [*plans.runnable_builds(), "off"] if b != auto.kernels]
+    variants += [(f"plan.kernels={b}",) for b in [*cpu.runnable_builds(), "off"] if b != auto.kernels]
     if matmuls.onednn_matmul() is not None:
         variants.append(("plan.matmul=torch" if auto.matmul == "onednn" else "plan.matmul=onednn",))
     if auto.kernels in ("avx512", "avx512bf16", "amx"):

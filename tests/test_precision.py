@@ -5,6 +5,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from charlm import cpu
 from charlm import plan as plans
 from charlm.checkpoint import load_checkpoint, model_from_state
 from charlm.commands.train_report import TrainReport
@@ -131,8 +132,8 @@ def test_auto_chooses_by_what_the_cpu_has(family, monkeypatch):
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)  # CI's AVX2 rerun sets it
     flags = frozenset(flags)
     assert plans.auto_precision(torch.device("cpu"), flags, vendor, capability)[0] == precision
-    assert plans.runnable_builds(flags, capability)[-1] == build
-    if plans.is_x86() and matmuls.onednn_matmul() is not None:
+    assert cpu.runnable_builds(flags, capability)[-1] == build
+    if cpu.is_x86() and matmuls.onednn_matmul() is not None:
         assert plans.auto_matmul(flags, vendor, capability)[0] == matmul
 
 

@@ -6,7 +6,7 @@
     status(build)   one line: which code runs the GRU's loops, and why
     matmuls(kernels) what the training loops' recurrent matmuls run on
 
-A build is a set of compiler flags (charlm.plan.BUILDS: portable, avx2, avx512, avx512bf16, amx),
+A build is a set of compiler flags (charlm.cpu.BUILDS: portable, avx2, avx512, avx512bf16, amx),
 not this CPU's -march=native, so that a plan names exactly the code it runs. Each build registers
 its ops under its own namespace (torch.ops.charlm_avx2, ...): several load side by side, which is
 how the tests check every build this CPU runs against the same reference.
@@ -32,7 +32,7 @@ from typing import Any, Optional
 
 import torch
 
-from charlm import plan
+from charlm import cpu, plan
 
 KERNELS = Path(__file__).with_name("kernels")
 
@@ -57,7 +57,7 @@ def cflags(build: str, namespace: str) -> list[str]:
     loaded). -fno-trapping-math: the gate loops' clamps and NaN checks may become vector selects
     (without it, GCC vectorizes them for AVX-512, which masks, but not for AVX2). Hidden symbols:
     two builds in one process never resolve each other's functions."""
-    return ["-O3", *plan.build_flags(build), "-fno-math-errno", "-fno-trapping-math", "-fopenmp",
+    return ["-O3", *cpu.build_flags(build), "-fno-math-errno", "-fno-trapping-math", "-fopenmp",
             "-fvisibility=hidden", f"-DCHARLM_LIBRARY_NS={namespace}"]
 
 

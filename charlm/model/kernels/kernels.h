@@ -2,7 +2,7 @@
 // helpers the gate loops inline (bfloat16 rounding, exp), the row split over threads, and the ops
 // each file defines (ops.cpp registers them with PyTorch).
 //
-// A build is one set of compiler flags (charlm/plan.py's BUILDS: portable, avx2, avx512,
+// A build is one set of compiler flags (charlm/cpu.py's BUILDS: portable, avx2, avx512,
 // avx512bf16, amx); each file tests the macros below, so that one source compiles for all of them.
 // charlm/model/native.py compiles the files in this folder for the build a run's plan names.
 #pragma once

@@ -89,8 +89,8 @@ Tensor tn_f32(const Tensor& a, const Tensor& b) {
 // pair dot product wants pairs of rows of K side by side in both operands, so each thread packs
 // kTnPairs pairs of rows at a time (its own rows of the result from a, all of b) into panels in
 // cache and runs the micro-kernel over them, its rows of the float32 result carried from chunk to
-// chunk. oneDNN's matmul takes this product (its first operand transposed) 15-30% longer at the
-// GRU's and the head's shapes (docs/speed.md).
+// chunk. oneDNN's matmul takes this product (its first operand transposed) markedly longer at the
+// GRU's and the head's shapes (docs/speed.md has the rows).
 constexpr int64_t kTnPairs = 256;
 constexpr int kTnRows = 8;       // rows of the result a tile
 constexpr int kTnCols = 2 * U;   // columns of the result a tile
