@@ -40,14 +40,6 @@ from charlm.config import PlanConfig
 from charlm.cpu import AVX512_BUILDS, BUILDS, bf16_capped, cpu_flags, cpu_vendor, is_x86, runnable_builds
 from charlm.errors import CharlmError
 
-CHOICES = {
-    "kernels": ("auto", "off", *BUILDS),
-    "matmul": ("auto", "torch", "onednn"),
-    "weight_grads": ("auto", "charlm", "library"),
-    "lstm": ("auto", "onednn", "pytorch"),
-    "table": ("auto", "on", "off"),
-}
-
 
 @dataclass(frozen=True)
 class Plan:
@@ -200,7 +192,7 @@ def resolve(settings: Optional[PlanConfig] = None, device: torch.device | str = 
         return ""
 
     chosen_precision = pick("precision", precision, check_precision, lambda: auto_precision(device))
-    if precision not in ("auto",):
+    if precision != "auto":
         why["precision"] = f"train.precision={precision}"
     kernels = _built_or_off(pick("kernels", settings.kernels, _check_kernels, auto_kernels), settings.kernels,
                             saved, why, cannot)
