@@ -1,18 +1,20 @@
 """Checkpoints: plain data only, written atomically, loaded with weights_only=True."""
 from __future__ import annotations
 
+import codecs
 import io
 import pickle
 import re
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from charlm.config import check_model
 from charlm.errors import CharlmError
 from charlm.files import atomic_write
-from charlm.model.network import CharLM, ModelConfig
+from charlm.model.network import VOCAB_SIZE, CharLM, ModelConfig
 
 FORMAT = "charlm-checkpoint"
 VERSION = 1
@@ -79,6 +81,7 @@ def locate_checkpoint(path: str | Path | None) -> Path:
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint onto the CPU without running any code from the file."""
     path = Path(path)
+    _check_container(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -100,7 +103,81 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"{path} is a charlm checkpoint of format version {state.get('version')}; this charlm"
             f" reads version {VERSION}"
         )
+    check_model_state(state, path)
     return state
+
+
+def _check_container(path: Path) -> None:
+    """A file that is not in torch.save's format at all (an HTML page, a text) is named for what it
+    is, before torch.load reads it as a pickle and calls it code."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except IsADirectoryError:
+        raise CharlmError(f"{path} is a directory; give a run directory or a .pt file") from None
+    except OSError as e:
+        raise CharlmError(f"cannot read {path} ({e.strerror}); check that it is a readable file") from None
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):  # torch.save's zip, or its older pickle
+        return
+    start = head.lstrip()[:15].lower()
+    if start.startswith((b"<!doctype html", b"<html")):
+        what = "an HTML page"
+    elif not head:
+        what = "empty"
+    else:
+        try:
+            codecs.getincrementaldecoder("utf-8")().decode(head)  # a character cut at byte 512 is fine
+            what = "text"
+        except UnicodeDecodeError:
+            what = "in another format"
+    raise CharlmError(f"{path} is not a checkpoint (it is {what}); give a run directory or a .pt file"
+                      " written by charlm")
+
+
+def check_model_state(state: dict[str, Any], path: str | Path) -> None:
+    """The model a checkpoint describes, checked before anything is built from it: its keys, its
+    model_config, every tensor's name and shape against that config, and its weights finite. The
+    config is checked against the tensors in the file, whose sizes are real, before any model is
+    allocated: an edited d_model cannot ask for terabytes. One line names what is wrong."""
+    bad = f"{path} is a damaged or edited checkpoint:"
+    for key in ("model_config", "model", "step", "best_val_loss"):
+        if key not in state:
+            raise CharlmError(f"{bad} it has no {key!r} entry; use another checkpoint")
+    mc, weights = state["model_config"], state["model"]
+    if not isinstance(mc, dict) or not isinstance(weights, dict) or not all(
+            isinstance(t, torch.Tensor) for t in weights.values()):
+        raise CharlmError(f"{bad} its model_config or model entry is not what charlm writes; use another checkpoint")
+    known = {f.name for f in fields(ModelConfig)}
+    unknown = sorted(set(mc) - known)
+    if unknown:
+        raise CharlmError(f"{bad} its model_config names {', '.join(unknown)}, which this charlm does not know"
+                          " (a newer charlm's checkpoint?); use the charlm that wrote it")
+    missing = [k for k in ("d_model", "n_layers", "cell") if k not in mc]
+    if missing:
+        raise CharlmError(f"{bad} its model_config lacks {', '.join(missing)}; use another checkpoint")
+    try:
+        config = ModelConfig(**mc)
+        check_model(config)
+    except CharlmError as e:
+        raise CharlmError(f"{bad} {e}") from None
+    d, n = config.d_model, config.n_layers
+    embed = weights.get("embed.weight")
+    if not isinstance(d, int) or not isinstance(n, int) or embed is None or tuple(embed.shape) != (VOCAB_SIZE, d) \
+            or len(weights) != 3 + 4 * n:
+        held = "no embed.weight" if embed is None else f"embed.weight of shape {tuple(embed.shape)}"
+        raise CharlmError(f"{bad} its model_config says d_model={d}, n_layers={n}, but it holds {len(weights)}"
+                          f" tensors and {held}; use another checkpoint")
+    with torch.device("meta"):  # names and shapes, nothing allocated
+        expected = {k: tuple(v.shape) for k, v in CharLM(config).state_dict().items()}
+    for name in sorted(set(expected) | set(weights)):
+        if name not in weights or name not in expected or tuple(weights[name].shape) != expected[name]:
+            found = tuple(weights[name].shape) if name in weights else "nothing"
+            raise CharlmError(f"{bad} {name} should be {expected.get(name, 'absent')} for a {d}x{n} {config.cell}"
+                              f" model, and it holds {found}; use another checkpoint")
+    for name, t in weights.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CharlmError(f"{path} holds non-finite weights (NaN or inf) in {name}: its model cannot write"
+                              " text; use an earlier checkpoint (a run's best.pt holds its best weights)")
 
 
 # The keys every checkpoint holds, a converted one's too, are read here; a training run's own

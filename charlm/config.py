@@ -211,7 +211,7 @@ def check_choice(value: Any, key: str, choices: tuple[Any, ...]) -> None:
         raise CharlmError(f"{key} must be {', '.join(names[:-1])} or {names[-1]}, got {value!r}")
 
 
-def _check_model(m: ModelConfig) -> None:
+def check_model(m: ModelConfig) -> None:
     if m.d_model < 1:
         raise CharlmError(f"model.d_model must be at least 1, got {m.d_model}")
     if m.n_layers < 1:
@@ -238,7 +238,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         check_numbers(self, "")
-        _check_model(self.model)
+        check_model(self.model)
 
 
 NEWEST = "newest run under `runs/`"
@@ -285,7 +285,8 @@ class SampleConfig:
     checkpoint: Optional[str] = setting(
         None, "a run directory (its `best.pt`) or a `.pt` file", shown=NEWEST, path=True)
     prompt: str = setting("", "text to continue, taken exactly as typed; empty means start of text", shown="empty")
-    prompt_file: Optional[str] = setting(None, "read the prompt from a UTF-8 file", shown="none", path=True)
+    prompt_file: Optional[str] = setting(
+        None, "read the prompt from a file (UTF-8; other bytes are read as they are)", shown="none", path=True)
     length: int = setting(200, "new bytes to write")
     temperature: float = setting(0.8, "0 is greedy (always the most likely byte); higher is more adventurous")
     top_k: Optional[int] = setting(None, "sample only among the k most likely bytes (1–256)", shown="none")
@@ -358,6 +359,7 @@ class ConvertConfig:
     reset_after: Optional[bool] = setting(
         None, "the Keras GRU's reset_after (required for Keras; Trax's cell is reset-before)", shown="none")
     flip_update_gate: bool = setting(False, "the weights use h' = (1-z)*h + z*n")
+    overwrite: bool = setting(False, "write over `out` when it already holds a checkpoint (without it, refused)")
 
     def __post_init__(self) -> None:
         check_numbers(self, "")

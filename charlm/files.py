@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import errno
 import os
+import zipfile
 from pathlib import Path
+from typing import Iterable, Optional
+
+from charlm.errors import CharlmError
 
 TMP_SUFFIX = ".tmp"
 
@@ -34,7 +38,7 @@ def atomic_write(path: str | Path, data: bytes) -> None:
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666, dir_fd=dir_fd)
+            fd = _create(tmp, dir_fd)
             try:
                 view = memoryview(data)
                 while view:
@@ -57,6 +61,18 @@ def atomic_write(path: str | Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
+def _create(name: str, dir_fd: int) -> int:
+    """A new file `name` in the directory dir_fd, for writing. What a killed write left there
+    (a file, or a symbolic link someone put in its place) is unlinked first, and the new one is
+    created exclusively: a write never goes through a link into a file elsewhere."""
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+    return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o666, dir_fd=dir_fd)
+
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _BY_DIRECTORY = all(f in os.supports_dir_fd for f in (os.open, os.rename, os.unlink))
 
 
@@ -64,7 +80,8 @@ def _write_by_path(path: Path, data: bytes) -> None:
     """atomic_write where directories cannot be opened (Windows)."""
     tmp = path.with_name(path.name + TMP_SUFFIX)
     try:
-        with open(tmp, "wb") as f:
+        tmp.unlink(missing_ok=True)
+        with open(tmp, "xb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -77,8 +94,68 @@ def _write_by_path(path: Path, data: bytes) -> None:
         raise
 
 
+def write_file(path: Path, data: bytes, setting: str) -> None:
+    """atomic_write for a command's output file: a failed write is one line naming the setting."""
+    try:
+        atomic_write(path, data)
+    except OSError as e:
+        raise CharlmError(write_error(f"{setting}={path}", e)) from None
+
+
 def write_error(path: str | Path, e: OSError) -> str:
     """One line: which file could not be written, why, and what to do about it."""
     cause = e.strerror or type(e).__name__
     advice = _ADVICE.get(e.errno, "fix that")
     return f"could not write {path} ({cause}); {advice}"
+
+
+def output_file(path: str | Path, setting: str, example: str, inputs: Iterable[Optional[Path]] = (),
+                overwrite: Optional[bool] = None) -> Path:
+    """The one rule for a file a command writes (html, onnx, keras, a converted checkpoint): checked
+    before any work, so that a refusal costs nothing and destroys nothing. One line, naming the
+    setting (`out=`, `html=`) and what to do, where path
+
+    - is an existing directory, or sits in a directory that does not exist;
+    - is one of the command's own inputs (the checkpoint it reads, its weights or its text);
+    - holds a checkpoint (a `.pt`, or a file in torch.save's format), unless overwrite is true
+      (None: the command has no overwrite setting, and never writes over one).
+
+    The file is then written by atomic_write: a symbolic link at path is replaced, never written
+    through, and the name returned is the one written (no suffix is added).
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise CharlmError(f"{setting}={path} is a directory; give a file name, such as {path / example}")
+    if not path.parent.is_dir():
+        raise CharlmError(f"{setting}={path}: the directory {path.parent} does not exist; create it, or choose"
+                          " another place")
+    if path.exists() or path.is_symlink():
+        for given in inputs:
+            if given is not None and _same_file(path, Path(given)):
+                raise CharlmError(f"{setting}={path} is this command's input {given}; writing there would destroy"
+                                  " it: choose another file name")
+        if not overwrite and is_checkpoint(path):
+            raise CharlmError(f"{setting}={path} holds a checkpoint, which this would write over; choose another"
+                              " file name" + (", or add overwrite=true" if overwrite is not None else ""))
+    return path
+
+
+def is_checkpoint(path: Path) -> bool:
+    """Whether path is (or a link at path leads to) a checkpoint: a .pt or .pth file, or any file
+    in torch.save's zip format (which holds a data.pkl)."""
+    if not path.exists():
+        return False
+    if path.suffix in (".pt", ".pth"):
+        return True
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(name.endswith("/data.pkl") or name == "data.pkl" for name in z.namelist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return False
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False

@@ -115,6 +115,17 @@ def tiny_run(tmp_path_factory) -> Path:
     return work / "run"
 
 
+def one_error_line(proc: subprocess.CompletedProcess, *words: str) -> str:
+    """The command failed with exactly one line on stderr, no traceback, and that line has words."""
+    assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr + (proc.stdout or ""), proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    return lines[0]
+
+
 def copy_run(run: Path, work: Path, name: str) -> Path:
     """A copy of a trained run as work/name, with its text (notes.txt) beside it in work."""
     shutil.copytree(run, work / name)

@@ -123,14 +123,34 @@ def bad_checkpoints(tmp_path_factory):
     data = (work / "good" / "last.pt").read_bytes()
     (work / "truncated.pt").write_bytes(data[: len(data) // 2])
     state = torch.load(work / "good" / "last.pt", weights_only=True)
-    state["version"] = 99
-    torch.save(state, work / "future.pt")
+    (work / "page.pt").write_text("<!DOCTYPE html>\n<html><body>a saved web page</body></html>")
+    edits = {  # plain data, wrong in every way a hand or a tool can make it
+        "shapes.pt": lambda s: s["model"].update({"head.weight": torch.zeros(256, 3)}),
+        "unknown.pt": lambda s: s["model_config"].update(colour="red"),
+        "nokey.pt": lambda s: s["model_config"].pop("d_model"),
+        "noweights.pt": lambda s: s.pop("model"),
+        "absurd.pt": lambda s: s["model_config"].update(d_model=10**9),  # terabytes, if it were built
+        "nan.pt": lambda s: s["model"]["head.bias"].fill_(float("nan")),
+        "future.pt": lambda s: s.update(version=99),
+    }
+    for name, edit in edits.items():
+        edited = {**state, "model_config": dict(state["model_config"]), "model": {k: v.clone() for k, v in
+                                                                                 state["model"].items()}}
+        edit(edited)
+        torch.save(edited, work / name)
     return work
 
 
 CHECKPOINT_CASES = {
     "evil.pt": ["evil.pt", "refused", "could run code"],
-    "notes.pt": ["notes.pt", "not a readable checkpoint"],
+    "notes.pt": ["notes.pt", "not a checkpoint (it is text)"],
+    "page.pt": ["page.pt", "not a checkpoint (it is an HTML page)"],
+    "shapes.pt": ["shapes.pt", "damaged or edited", "head.weight should be (256, 32)", "(256, 3)"],
+    "unknown.pt": ["unknown.pt", "damaged or edited", "names colour"],
+    "nokey.pt": ["nokey.pt", "damaged or edited", "lacks d_model"],
+    "noweights.pt": ["noweights.pt", "damaged or edited", "no 'model' entry"],
+    "absurd.pt": ["absurd.pt", "damaged or edited", "d_model=1000000000", "embed.weight of shape (256, 32)"],
+    "nan.pt": ["nan.pt", "non-finite weights", "head.bias", "earlier checkpoint"],
     "truncated.pt": ["truncated.pt", "not a readable checkpoint"],
     "other.pt": ["other.pt", "not a charlm checkpoint"],
     "future.pt": ["future.pt", "version 99"],
@@ -141,11 +161,12 @@ CHECKPOINT_CASES = {
 @pytest.mark.parametrize("name", list(CHECKPOINT_CASES))
 def test_bad_checkpoints_are_named(bad_checkpoints, name):
     procs = [run_cli("sample.py", f"checkpoint={name}", cwd=bad_checkpoints, check=False)]
-    if name in ("evil.pt", "truncated.pt"):  # resuming reads checkpoints the same way
+    if name in ("evil.pt", "truncated.pt", "absurd.pt"):  # resuming reads checkpoints the same way
         procs.append(run_cli("train.py", f"train.resume={name}", cwd=bad_checkpoints, check=False))
     for proc in procs:
         assert_one_line_error(proc, *CHECKPOINT_CASES[name])
     assert not (bad_checkpoints / "pwned").exists()  # nothing from the pickle ran
+    assert "could run code" not in procs[0].stderr or name == "evil.pt"  # only code is called code
 
 
 def test_sample_long_and_non_ascii_prompts(bad_checkpoints):

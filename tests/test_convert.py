@@ -132,6 +132,7 @@ def test_convert_commands_and_refusal(tmp_path):
         assert shown.startswith(f"python -m charlm.{tool}:"), shown
 
 
+@pytest.mark.slow
 def test_against_keras_itself(tmp_path):
     """Build real Keras models (torch backend), convert their files, compare log-probs to 1e-5."""
     script = f"""

@@ -115,6 +115,7 @@ def test_two_processes_stop_together_on_a_time_budget(tmp_path, text_file):
 
 
 @pytest.mark.system
+@pytest.mark.slow
 def test_sweep_gives_one_run_per_job(tmp_path, text_file):
     proc = run_cli("train.py", "-m", "model.d_model=16,24", "data=text", f"data.path={text_file}",
                    *TINY[1:], "train.max_steps=4", "train.eval_every=4", cwd=tmp_path)

@@ -7,6 +7,7 @@ from conftest import run_cli
 
 
 @pytest.mark.system
+@pytest.mark.slow  # a torchrun pair among its rows: the slow run and CI's
 def test_doctor_runs_every_path_here_and_says_what_it_cannot(tmp_path):
     proc = run_cli("-m", "charlm.doctor", cwd=tmp_path)
     out = proc.stdout

@@ -15,21 +15,10 @@ from charlm.checkpoint import load_checkpoint
 from charlm.errors import CharlmError
 from charlm.files import atomic_write
 from charlm.training.rundir import LOCK_NAME, RunLock
-from conftest import ROOT, TINY, run_cli, small_text, start_training, wait_for
+from conftest import ROOT, TINY, one_error_line, run_cli, small_text, start_training, wait_for
 
 ARGS = ("data=text", "data.path=notes.txt", *TINY)
 ODD = "Wells' \"Time\" (1895), a=b <i>&amp; é"  # a quote, a parenthesis, a comma, =, markup, non-ASCII
-
-
-def one_error_line(proc: subprocess.CompletedProcess, *words: str) -> str:
-    """The command failed with exactly one line on stderr, no traceback, and that line has words."""
-    assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
-    assert "Traceback" not in proc.stderr + (proc.stdout or ""), proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    for word in words:
-        assert word in lines[0], (word, lines[0])
-    return lines[0]
 
 
 def steps_held(run: Path) -> dict:
@@ -97,6 +86,7 @@ def test_overwrite_deletes_nothing_when_the_new_run_cannot_start(work):
 
 
 @pytest.mark.system
+@pytest.mark.slow
 def test_a_second_writer_is_refused_while_readers_are_not(work):
     first = start_training(work, *ARGS, "train.max_steps=100000", "train.eval_every=20", "out_dir=live",
                            stdout=subprocess.DEVNULL)
@@ -190,6 +180,7 @@ def test_an_unwritable_directory_stops_in_one_line(work):
 
 
 @pytest.mark.system
+@pytest.mark.slow
 def test_a_run_directory_removed_during_training_stops_in_one_line(work):
     proc = start_training(work, *ARGS, "train.max_steps=100000", "train.eval_every=3", "out_dir=gone",
                           stdout=subprocess.DEVNULL)

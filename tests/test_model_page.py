@@ -4,6 +4,7 @@ import json
 import re
 import shutil
 import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -93,6 +94,24 @@ def test_seed_and_top_k_come_from_the_url(pages):
     b = written(dom(page, "?prompt=the&length=40&temperature=1&seed=3&top_k=5"))
     c = written(dom(page, "?prompt=the&length=40&temperature=1&seed=4&top_k=5"))
     assert a == b and a != c and len(a) == 40
+
+
+@needs_chromium
+@pytest.mark.system
+def test_a_huge_length_is_capped_and_written_in_frames_and_markup_in_a_title_is_inert(pages):
+    """?length=1000000000 once wrote in one synchronous loop, freezing the tab (Stop could not run);
+    a checkpoint's directory named `x<!--<script>` once stopped the page's script from running."""
+    odd = pages / "x<!--<script>"
+    if not odd.exists():
+        shutil.copytree(pages / "reset_after", odd)
+    run_cli("-m", "charlm.export", f"checkpoint={odd.name}", "format=html", "out=odd.html", cwd=pages)
+    assert len(written(dom(pages / "odd.html", "?prompt=the&length=7&temperature=0"))) == 7  # its script ran
+    t = time.perf_counter()
+    document = dom(pages / "odd.html", "?prompt=the&length=1000000000&temperature=0")
+    assert time.perf_counter() - t < 60 and '<span id="output"' in document  # the page answered at once
+    assert 'data-done="1"' not in document  # still writing, a frame at a time, when the DOM was read
+    text = (pages / "odd.html").read_text(encoding="utf-8")
+    assert re.search(r"script-src 'sha256-[A-Za-z0-9+/=]{44}';", text) and "'unsafe-inline'; style" not in text
 
 
 def test_the_page_is_one_file_with_no_network_and_fits_3_mb_for_the_default_model(tmp_path):

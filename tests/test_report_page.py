@@ -37,7 +37,10 @@ def test_page_mean_surprisal_is_evaluates_bits_per_byte(trained):
     data = page_data(trained / "odd.html")
     assert data["bytes"] == list(ODD * 3) and result["html"] == "odd.html"
     assert abs(np.mean(data["surprisal"]) - result["bpb"]) < 1e-4
-    assert data["total"] == len(ODD) * 3 and "http" not in (trained / "odd.html").read_text().split("<body>")[0]
+    head = (trained / "odd.html").read_text().split("<body>")[0]
+    assert data["total"] == len(ODD) * 3 and not re.search(r"https?://", head)
+    # only the page's own script may run, named by its hash; nothing may be loaded
+    assert re.search(r"default-src 'none'; script-src 'sha256-[A-Za-z0-9+/=]{44}';", head), head[:600]
 
 
 def test_page_gates_and_units_are_the_reference_numbers(trained):
@@ -108,17 +111,18 @@ def test_page_renders_in_chromium(trained):
 @pytest.mark.system
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium: apt-get install chromium")
 def test_markup_in_a_file_name_or_the_text_is_shown_not_parsed(trained):
-    odd = "run <i>x</i> & 'q'"
+    odd = "run <i>x</i><!--<script> & 'q'"  # `<!--<script>` in embedded data once stopped the page's script
     if not (trained / odd).exists():
         shutil.copytree(trained / "run", trained / odd)
-    (trained / "markup.txt").write_text("a <b>bold</b> & <i>claim</i>\n" * 4)
+    (trained / "markup.txt").write_text("a <b>bold</b> & <i>claim</i> <!--<script>\n" * 4)
     run_cli("evaluate.py", f"checkpoint={odd}", "data=text", "data.path=markup.txt", "html=markup <b>.html",
             cwd=trained)
     browser = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
                f"--user-data-dir={trained / 'profile'}", "--dump-dom", (trained / "markup <b>.html").as_uri()]
     dom = subprocess.run(browser, capture_output=True, text=True, timeout=120).stdout
     summary = re.search(r'<p class="meta" id="summary">(.*?)</p>', dom, re.S).group(1)
-    assert "run &lt;i&gt;x&lt;/i&gt; &amp; 'q'" in summary and "<i>" not in summary
+    assert "run &lt;i&gt;x&lt;/i&gt;&lt;!--&lt;script&gt; &amp; 'q'" in summary and "<i>" not in summary
+    assert len(re.findall(r"<span[^>]*data-t=", dom)) == len("a <b>bold</b> & <i>claim</i> <!--<script>\n") * 4
     assert "<b>bold</b>" not in dom  # the text's own markup is shown byte by byte, never parsed
 
 

@@ -36,6 +36,7 @@ def wait_past(path, step, proc, timeout=120):
 
 
 @pytest.mark.system
+@pytest.mark.slow
 def test_the_runs_own_command_resumes_after_kill_9_then_stops_on_ctrl_c(work):
     command = (*RUN, "train.max_steps=100000", "train.eval_every=5")
     proc = start_training(work, *command)

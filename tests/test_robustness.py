@@ -74,21 +74,24 @@ def test_crash_inside_a_checkpoint_write_keeps_the_old_file(tmp_path):
     """A process that dies half-way through torch.save leaves the previous checkpoint intact."""
     script = f"""
 import os, torch
-from charlm.checkpoint import save_checkpoint
+from charlm.checkpoint import model_state, save_checkpoint
+from charlm.model.network import CharLM, ModelConfig
 path = {str(tmp_path / 'last.pt')!r}
-save_checkpoint(path, {{"step": 1, "x": torch.ones(1000)}})
+model = CharLM(ModelConfig(d_model=8, n_layers=1))
+torch.nn.init.ones_(model.head.bias)
+save_checkpoint(path, {{**model_state(model), "step": 1, "best_val_loss": 1.0}})
 real_save = torch.save
 def dying_save(obj, f, *a, **k):
     f.write(b"PK\\x03\\x04 half a checkpoint")
     f.flush()
     os._exit(9)
 torch.save = dying_save
-save_checkpoint(path, {{"step": 2, "x": torch.zeros(1000)}})
+save_checkpoint(path, {{**model_state(model), "step": 2, "best_val_loss": 0.5}})
 """
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 9
     state = load_checkpoint(tmp_path / "last.pt")
-    assert state["step"] == 1 and torch.equal(state["x"], torch.ones(1000))
+    assert state["step"] == 1 and torch.equal(state["model"]["head.bias"], torch.ones(256))
 
 
 def _train_in_process(tmp_path, text_file, nan_at, **train_overrides):

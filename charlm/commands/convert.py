@@ -17,6 +17,7 @@ import numpy as np
 from charlm.checkpoint import model_settings, save_checkpoint
 from charlm.config import ConvertConfig
 from charlm.errors import CharlmError
+from charlm.files import output_file, write_error
 from charlm.interop.convert import NOT_EQUIVALENT, from_keras, from_trax, read_keras
 
 
@@ -28,9 +29,10 @@ def main(argv: list[str]) -> int:
 
 
 def _convert_command(cfg: ConvertConfig) -> None:
-    weights, out = Path(cfg.weights), Path(cfg.out)
+    weights = Path(cfg.weights)
     if not weights.is_file():
         raise CharlmError(f"weights={weights} is not a file")
+    out = output_file(cfg.out, "out", "imported.pt", inputs=[weights], overwrite=cfg.overwrite)
     if cfg.format == "keras":
         state = from_keras(read_keras(weights), cfg.reset_after, cfg.flip_update_gate)
     else:
@@ -38,7 +40,10 @@ def _convert_command(cfg: ConvertConfig) -> None:
             raise CharlmError(f"Trax's GRU is reset-before; {NOT_EQUIVALENT}")
         with np.load(weights) as f:
             state = from_trax({name: f[name] for name in f.files}, cfg.flip_update_gate)
-    save_checkpoint(out, state)
+    try:
+        save_checkpoint(out, state)
+    except OSError as e:
+        raise CharlmError(write_error(f"out={out}", e)) from None
     mc = model_settings(state)
     print(f"wrote {out}: {mc['d_model']}x{mc['n_layers']} GRU, model.cell={mc['cell']}")
     if cfg.flip_update_gate:

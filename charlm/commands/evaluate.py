@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 from charlm.commands.settings import to_object, with_raw
 from charlm.config import EvaluateConfig
 from charlm.errors import CharlmError
+from charlm.files import output_file
 
 EVALUATE_SEQ_LEN = 512  # bytes per window for evaluate.py (one stream: the window only sets the work per call)
 
@@ -47,9 +48,9 @@ def evaluate(cfg: EvaluateConfig, data_given: bool = True) -> dict[str, Any]:
 def _evaluate(cfg: EvaluateConfig, data_given: bool) -> dict[str, Any]:
     from charlm.inference.scoring import dynamic_loss, evaluate_loss, metrics
 
-    if cfg.html and (Path(cfg.html).is_dir() or not Path(cfg.html).resolve().parent.is_dir()):
-        raise CharlmError(f"html={cfg.html}: give a file name in a directory that exists")
     path, model, text_path, which, data = _scored_text(cfg, data_given)
+    if cfg.html:  # checked before the scoring, which may take minutes
+        output_file(cfg.html, "html", "page.html", inputs=[path, text_path])
     device = next(model.parameters()).device
     t0 = time.perf_counter()
     with _bar(len(data), "scoring") as bar:

@@ -17,10 +17,13 @@ prompt one byte at a time, then feed back each chosen byte with hidden_out.
 """
 from __future__ import annotations
 
+import io
 import sys
-from pathlib import Path
 
 from charlm.config import ExportConfig
+from charlm.files import output_file, write_file
+
+DEFAULT_NAMES = {"onnx": "model.onnx", "keras": "keras_weights.npz", "html": "model.html"}
 
 
 def main(argv: list[str]) -> int:
@@ -38,20 +41,23 @@ def _export_command(cfg: ExportConfig) -> None:
     from charlm.interop.convert import to_keras
 
     path = locate_checkpoint(cfg.checkpoint)
+    name = DEFAULT_NAMES[cfg.format]
+    out = output_file(cfg.out or path.parent / name, "out", name, inputs=[path])
     state = load_checkpoint(path)
     mc = model_settings(state)
     if cfg.format == "html":
         from charlm.interop.page import write_page
 
-        out = write_page(state, Path(cfg.out or path.parent / "model.html"), title=str(path))
+        write_page(state, out, title=str(path))
         print(f"wrote {out}: {mc['d_model']}x{mc['n_layers']} {_cell(mc['cell'])} in one page,"
               f" {out.stat().st_size:,} bytes; open it in a browser (no server, no network)")
         return
     if cfg.format == "keras" and mc["cell"] == "lstm":
         raise CharlmError(f"{path} is an LSTM; format=keras writes Keras GRU weights: use format=onnx or format=html")
     if cfg.format == "keras":
-        out = Path(cfg.out or path.parent / "keras_weights.npz")
-        np.savez(out, *to_keras(state))
+        buffer = io.BytesIO()
+        np.savez(buffer, *to_keras(state))  # to the name given, which np.savez would suffix with .npz
+        write_file(out, buffer.getbuffer(), "out")
         print(f"wrote {out}: Keras get_weights() for Embedding -> GRU(reset_after={mc['cell'] == 'reset_after'})"
               f" x {mc['n_layers']} -> Dense, {mc['d_model']} wide")
         return
@@ -59,7 +65,6 @@ def _export_command(cfg: ExportConfig) -> None:
         import onnx  # noqa: F401
     except ImportError:
         raise CharlmError("ONNX export needs the onnx package: pip install -e '.[export]'") from None
-    out = Path(cfg.out or path.parent / "model.onnx")
     from charlm.interop.onnx import export_onnx
 
     export_onnx(model_from_state(state), out)

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import sys
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Optional
 
 from charlm.commands.settings import CONFIG_DIR, run_config, settings_help, show_value
 from charlm.config import BenchConfig, ConvertConfig, EvaluateConfig, ExportConfig, RunConfig, SampleConfig, setting
+from charlm.files import output_file, write_file
 
 DEFAULT_OUT = CONFIG_DIR.parent / "docs" / "settings.md"
 COMMANDS = (  # (title, command line, schema, what the table leaves to another one)
@@ -93,8 +93,8 @@ def main(argv: list[str]) -> int:
     from charlm.commands import run_tool
 
     def write(cfg: ReferenceConfig) -> None:
-        out = Path(cfg.out or DEFAULT_OUT)
-        out.write_text(reference_text(), encoding="utf-8")
+        out = output_file(cfg.out or DEFAULT_OUT, "out", "settings.md")
+        write_file(out, reference_text().encode("utf-8"), "out")
         print(f"wrote {out}")
 
     return run_tool(ReferenceConfig, argv, __doc__, write)

@@ -32,7 +32,7 @@ def read_prompt(cfg: SampleConfig) -> str:
     path = Path(cfg.prompt_file)
     if not path.is_file():
         raise CharlmError(f"prompt_file={path} is not a file")
-    return path.read_bytes().decode("utf-8", errors="replace")
+    return path.read_bytes().decode("utf-8", errors="surrogateescape")  # bytes kept as they are
 
 
 def sample(cfg: SampleConfig) -> None:

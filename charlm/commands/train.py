@@ -55,17 +55,28 @@ def config_for_run(cfg: DictConfig, overrides: list[str], raw: dict[str, str]
     return to_object(cfg, RunConfig), None, None
 
 
-def _resume_config(cfg: DictConfig, overrides: list[str], raw: dict[str, str]) -> tuple[RunConfig, dict[str, Any]]:
+def _resume_config(cfg: DictConfig, overrides: list[str], raw: dict[str, str]
+                   ) -> tuple[RunConfig, Optional[dict[str, Any]]]:
     """The saved run's config with this command line's overrides (and raw path settings) on top.
 
     Every override takes effect (train.lr included) or is refused here: a resumed run keeps its
     text and its model's shape. Repeating the run's own choices (data=..., model=...) is fine.
+    The run is continued where it is: in the directory of its checkpoint (best.pt or last.pt),
+    whatever the working directory; a checkpoint under another name (a copy) continues in a
+    directory of its run's name beside it, or in out_dir= where given. A run stopped before its
+    first checkpoint is trained again from step 0 with its config.yaml (the state returned is then
+    None).
     """
     from charlm.checkpoint import load_checkpoint, resolve_checkpoint, run_settings
 
-    path = resolve_checkpoint(cfg.train.resume, prefer="last.pt")
-    state = load_checkpoint(path)
-    saved = OmegaConf.merge(OmegaConf.structured(RunConfig), literal_tree(run_settings(state)))
+    run_dir = Path(cfg.train.resume)
+    if _saved_nothing(run_dir):
+        path, state, settings = run_dir, None, _settings_file(run_dir / "config.yaml")
+    else:
+        path = resolve_checkpoint(cfg.train.resume, prefer="last.pt")
+        run_dir, state = path.parent, load_checkpoint(path)
+        settings = run_settings(state)
+    saved = OmegaConf.merge(OmegaConf.structured(RunConfig), literal_tree(settings))
     merged = saved.copy()
     given = _parsed(overrides)
     for o in given:
@@ -77,6 +88,14 @@ def _resume_config(cfg: DictConfig, overrides: list[str], raw: dict[str, str]) -
         except OmegaConfBaseException as e:
             raise CharlmError(f"{o.input_line}: {str(e).splitlines()[0]}") from None
     with_raw(merged, {k: v for k, v in raw.items() if k != "train.resume"})
+    if path.is_file() and path.name not in ("best.pt", "last.pt"):  # a lone or renamed checkpoint: a
+        run_dir = path.parent / Path(str(saved.out_dir)).name  # run directory of the run's own name beside it
+        run_dir = Path(raw.get("out_dir", run_dir))
+    elif "out_dir" in raw and not _same_dir(Path(raw["out_dir"]), run_dir):
+        raise CharlmError(f"out_dir={raw['out_dir']}: a resumed run goes on in its own directory, {run_dir}; drop"
+                          " out_dir=, or copy the run there first and resume the copy")
+    merged.out_dir = literal(str(run_dir))
+    _find_text(saved, merged, (state or {}).get("corpus"), "data.path" in raw)
     lines = [(o.key_or_group, o.input_line) for o in given] + [(k, f"{k}={v}") for k, v in raw.items()]
     for section, key, was, now in _changed(saved, merged, RESUME_FIXES):
         culprit = [line for k, line in lines if k in (section, f"{section}.{key}", "recipe")][-1]
@@ -84,6 +103,51 @@ def _resume_config(cfg: DictConfig, overrides: list[str], raw: dict[str, str]) -
                           " cannot; drop it, or start a new run")
     merged.train.resume = literal(str(path))
     return to_object(merged, RunConfig), state
+
+
+def _saved_nothing(run_dir: Path) -> bool:
+    """Whether run_dir is a run stopped before its first checkpoint: its config.yaml, no .pt."""
+    return (run_dir.is_dir() and (run_dir / "config.yaml").is_file()
+            and not any((run_dir / name).exists() for name in ("best.pt", "last.pt")))
+
+
+def _settings_file(path: Path) -> dict[str, Any]:
+    """A run's settings from its config.yaml (without its resolved plan: nothing was trained on it)."""
+    import yaml
+
+    try:
+        settings = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise CharlmError(f"{path} cannot be read ({str(e).splitlines()[0][:80]}); start a new run with"
+                          f" overwrite=true out_dir={path.parent}") from None
+    if not isinstance(settings, dict):
+        raise CharlmError(f"{path} is not a run's config.yaml; start a new run with overwrite=true")
+    settings.pop("plan", None)
+    return settings
+
+
+def _find_text(saved: DictConfig, merged: DictConfig, corpus: Optional[dict[str, Any]], given: bool) -> None:
+    """A resumed run's text, wherever the command runs from: a data.path saved relative to another
+    working directory is found where the checkpoint recorded it; a data.path given here may name
+    another copy of the same text (its SHA-256 is the checkpoint's)."""
+    from charlm.data.text import identity, load_bytes
+
+    was = saved.data.path
+    if not was:
+        return
+    if not given and not Path(was).exists() and corpus and Path(corpus["path"]).is_file():
+        merged.data.path = saved.data.path = literal(corpus["path"])
+    elif given and merged.data.path != was and corpus and Path(merged.data.path).is_file():
+        now = merged.data.path
+        if identity(now, load_bytes(now))["sha256"] == corpus["sha256"]:
+            saved.data.path = now  # the same text, moved
+
+
+def _same_dir(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
 
 
 def _init_from_config(cfg: DictConfig, overrides: list[str]) -> tuple[RunConfig, dict[str, Any]]:

@@ -195,5 +195,5 @@ def _print_summary(s: dict[str, Any]) -> None:
         f"{s['best_val_bpb']:.3f} bits/byte (step {s['best_step']})\n"
         f"checkpoints:  {out}/best.pt  {out}/last.pt\n"
         f"sample:       python sample.py {shlex.quote(f'checkpoint={out}')} prompt=\"t\" length=200\n"
-        f"tensorboard:  tensorboard --logdir {'runs' if Path(out).parts[0] == 'runs' else shlex.quote(out)}"
+        f"tensorboard:  tensorboard --logdir {'runs' if Path(out).parts[:1] == ('runs',) else shlex.quote(out)}"
     )

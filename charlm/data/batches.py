@@ -23,7 +23,7 @@ class StreamBatches:
     """The stream cut into batch_size contiguous lanes, read in consecutive seq_len windows.
 
         lanes (B, L+1), a start byte then L bytes of the stream each (read per window from the
-        memory-mapped stream, never copied whole):
+        text, never copied whole):
           lane 0: 0 | s[0]      ... s[L-1]
           lane 1: 0 | s[L]      ... s[2L-1]
           ...
@@ -43,7 +43,7 @@ class StreamBatches:
                 f" lanes of seq_len={seq_len}: it needs at least {batch_size * seq_len:,} bytes;"
                 " lower train.batch_size or train.seq_len, or use more text"
             )
-        self.data, self.seq_len = data, seq_len  # data stays memory-mapped: nothing is copied whole
+        self.data, self.seq_len = data, seq_len  # the text itself: nothing is copied whole
         self.lane_starts = np.arange(batch_size)[:, None] * self.lane_len  # (B, 1)
 
     def window(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:

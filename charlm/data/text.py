@@ -1,5 +1,6 @@
 """Finding a text: the cached copy of a named corpus, the one that ships with charlm, or a
-download (each checked by its SHA-256), or the user's own file; then memory-mapped."""
+download (each checked by its SHA-256), or the user's own file; then read, and known by its
+identity (size and SHA-256), which a run records so that a resume can tell the same text."""
 from __future__ import annotations
 
 import hashlib
@@ -74,9 +75,33 @@ def corpus_path(cfg: DataConfig, announce: Optional[Callable[[str], None]] = Non
     return path
 
 
+# Texts up to this size are read into memory: a file changed or cut short while a run reads it
+# then cannot reach the run (a memory-mapped file cut short kills its reader with SIGBUS). Larger
+# ones are memory-mapped, and must not be changed while a run reads them.
+IN_MEMORY_LIMIT = 256 << 20  # bytes
+
+
 def load_bytes(path: str | Path) -> np.ndarray:
-    """The file as a read-only uint8 array, memory-mapped (the corpus is never copied whole)."""
+    """The file as a read-only uint8 array: a copy in memory, or memory-mapped above IN_MEMORY_LIMIT."""
     try:
-        return np.memmap(path, dtype=np.uint8, mode="r")
+        if os.stat(path).st_size > IN_MEMORY_LIMIT:
+            return np.memmap(path, dtype=np.uint8, mode="r")
+        data = np.fromfile(path, dtype=np.uint8)
     except OSError as e:
         raise CharlmError(f"cannot read {path} ({e.strerror}); check that it is a readable file") from None
+    data.flags.writeable = False
+    return data
+
+
+def identity(path: str | Path, data: np.ndarray) -> dict[str, object]:
+    """What a run records of its text: where it was read, its size and its SHA-256."""
+    return {"path": str(Path(path).resolve()), "bytes": int(len(data)),
+            "sha256": hashlib.sha256(memoryview(np.ascontiguousarray(data))).hexdigest()}
+
+
+def changed(saved: dict[str, object], now: dict[str, object]) -> str:
+    """How the text now differs from the one a run recorded ("" where it is the same)."""
+    if saved["sha256"] == now["sha256"]:
+        return ""
+    return (f"{saved['bytes']:,} bytes with SHA-256 {str(saved['sha256'])[:12]}... when the run started,"
+            f" {now['bytes']:,} bytes with SHA-256 {str(now['sha256'])[:12]}... now")

@@ -12,8 +12,6 @@ start byte and a zero state. For byte t:
 from __future__ import annotations
 
 import base64
-import html
-import json
 import math
 from importlib import resources
 from pathlib import Path
@@ -22,7 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from charlm import pages
 from charlm.data.tokenizer import START_BYTE
+from charlm.files import write_file
 from charlm.model.network import CharLM
 from charlm.model.stepping import Stepper
 
@@ -151,9 +151,8 @@ def write_page(path: str | Path, data: bytes, numbers: dict[str, Any], about: di
         "units": base64.b64encode(np.clip(np.round(units * 127), -127, 127).astype(np.int8).tobytes()).decode(),
         "correlated": correlated_units(units, text_features(data)),
     }
-    blob = json.dumps(payload, ensure_ascii=True, allow_nan=False).replace("</", "<\\/")
     template = (resources.files("charlm.inference") / "reading_page.html").read_text(encoding="utf-8")
-    page = template.replace("{{TITLE}}", html.escape(about["title"])).replace("{{DATA}}", blob)
+    page = pages.fill(template, about["title"], DATA=pages.embed(payload))
     path = Path(path)
-    path.write_text(page, encoding="utf-8")
+    write_file(path, page.encode("utf-8"), "html")
     return path

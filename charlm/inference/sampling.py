@@ -13,7 +13,27 @@ from charlm.model.stepping import Stepper
 # Bytes written per kernel call where Stepper.write can (at about 60 µs a byte, 2 ms): a consumer
 # that stops reading mid-chunk leaves the state and the generator up to this many bytes ahead.
 WRITE_CHUNK = 32
+# Bytes of a prompt read per call: the memory a prompt takes (the activations and the 256 outputs
+# of each byte read at once) stays bounded, whatever its length.
+PROMPT_CHUNK = 4096
 
+
+@torch.no_grad()
+def read_through(model: CharLM, data: bytes, h: Optional[torch.Tensor] = None, num_samples: int = 1
+                 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Read data into the model's state, PROMPT_CHUNK bytes a call, from the start byte where h is
+    None -> (log-probabilities of the byte after data (N, 256), the state), or (None, h) when
+    there was nothing to read."""
+    device = next(model.parameters()).device
+    seq = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+    if h is None:
+        seq = torch.cat([torch.tensor([START_BYTE], dtype=torch.uint8), seq])
+    log_probs = None
+    for start in range(0, len(seq), PROMPT_CHUNK):
+        piece = seq[start : start + PROMPT_CHUNK].to(device=device, dtype=torch.long)
+        out, h = model(piece.unsqueeze(0).expand(num_samples, -1), h)
+        log_probs = out[:, -1]
+    return log_probs, h
 
 def next_byte(
     log_probs: torch.Tensor,
@@ -76,15 +96,12 @@ def generate(
     model's device until the caller reads them. precision="bf16" takes those steps with the
     matmuls in bfloat16 (Stepper); the prompt is read in float32 either way.
     """
-    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
         if length == 0:
             return
-        context = torch.tensor([START_BYTE, *prompt], dtype=torch.long, device=device)
-        log_probs, h = model(context.unsqueeze(0).expand(num_samples, -1))  # the prompt, once
-        log_probs = log_probs[:, -1]
+        log_probs, h = read_through(model, prompt, num_samples=num_samples)  # the prompt, once
         step = Stepper(model, precision)
         if step.can_write(temperature, top_k, top_p):  # WRITE_CHUNK bytes a kernel call
             for start in range(0, length, WRITE_CHUNK):
@@ -157,10 +174,9 @@ class Conversation:
     @torch.no_grad()
     def read(self, data: bytes) -> None:
         """Take data into the text."""
-        seq = list(data) if self.h is not None else [START_BYTE, *data]
-        if seq:
-            log_probs, self.h = self.model(torch.tensor([seq], device=self.device), self.h)
-            self.log_probs = log_probs[:, -1]
+        log_probs, self.h = read_through(self.model, data, self.h)
+        if log_probs is not None:
+            self.log_probs = log_probs
 
     @torch.no_grad()
     def write(self, length: int, stop: bytes = b"") -> Iterator[int]:

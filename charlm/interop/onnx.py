@@ -9,12 +9,14 @@ prompt one byte at a time, then feed back each chosen byte with hidden_out.
 from __future__ import annotations
 
 import copy
+import io
 import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from charlm.files import write_file
 from charlm.model.network import CharLM
 
 
@@ -33,7 +35,6 @@ class DecodeStep(nn.Module):
 def export_onnx(model: CharLM, out: str | Path, opset: int = 17) -> Path:
     """Write model's single decoding step to out as ONNX (dynamic batch)."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     model = copy.deepcopy(model).eval().cpu()
     if isinstance(model.recurrent, (nn.GRU, nn.LSTM)):
         # Dropout between layers does nothing at inference, but the exporter wires a stacked
@@ -46,15 +47,18 @@ def export_onnx(model: CharLM, out: str | Path, opset: int = 17) -> Path:
         # The tracer's notes on nn.GRU's shape checks, the legacy exporter's deprecation, and the
         # GRU batch-size caution (hidden is an input here, so any batch size runs) do not apply.
         warnings.simplefilter("ignore")
-        _export(step, byte, hidden, out, opset)
+        graph = _export(step, byte, hidden, opset)
+    write_file(out, graph, "out")
     return out
 
 
-def _export(step: DecodeStep, byte: torch.Tensor, hidden: torch.Tensor, out: Path, opset: int) -> None:
+def _export(step: DecodeStep, byte: torch.Tensor, hidden: torch.Tensor, opset: int) -> bytes:
+    """The graph as the bytes of an .onnx file (written by the caller, atomically)."""
+    buffer = io.BytesIO()
     torch.onnx.export(
         step,
         (byte, hidden),
-        str(out),
+        buffer,
         input_names=["byte", "hidden"],
         output_names=["log_probs", "hidden_out"],
         dynamic_axes={"byte": {0: "batch"}, "hidden": {1: "batch"},
@@ -62,3 +66,4 @@ def _export(step: DecodeStep, byte: torch.Tensor, hidden: torch.Tensor, out: Pat
         opset_version=opset,
         dynamo=False,  # the TorchScript exporter maps nn.GRU to ONNX's own GRU operator
     )
+    return buffer.getvalue()

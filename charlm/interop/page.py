@@ -10,14 +10,15 @@ i, f, g, o, c' = f*c + i*g, h' = o*tanh(c')).
 from __future__ import annotations
 
 import base64
-import html
-import json
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from charlm import pages
+from charlm.files import write_file
 
 
 def tensor_names(n_layers: int, cell: str) -> list[str]:
@@ -41,9 +42,7 @@ def write_page(state: dict[str, Any], out: str | Path, title: str) -> Path:
     about = {"title": title, "d_model": mc["d_model"], "n_layers": mc["n_layers"], "cell": mc["cell"],
              "tensors": [[name, list(a.shape)] for name, a in weights.items()]}
     template = (resources.files("charlm.interop") / "model_page.html").read_text(encoding="utf-8")
-    page = (template.replace("{{TITLE}}", html.escape(title))
-            .replace("{{ABOUT}}", json.dumps(about, ensure_ascii=True).replace("</", "<\\/"))
-            .replace("{{WEIGHTS}}", blob))
+    page = pages.fill(template, title, ABOUT=pages.embed(about), WEIGHTS=blob)
     out = Path(out)
-    out.write_text(page, encoding="utf-8")
+    write_file(out, page.encode("utf-8"), "out")
     return out

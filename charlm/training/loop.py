@@ -56,7 +56,8 @@ class Trainer:
         # the plan first (it may compile the kernels): every choice of code made once, before any step
         self.plan, self.precision, plan_note = state.run_plan(cfg, device, ddp, resume_state)
         torch.manual_seed(cfg.seed)
-        self.train_data, self.val_data, val_total = load_splits(cfg, say)
+        self.train_data, self.val_data, val_total, self.corpus = load_splits(cfg, say)
+        state.check_corpus(cfg, self.corpus, resume_state)
         self.batches = StreamBatches(self.train_data, tc.batch_size, tc.seq_len) if tc.batching == "stream" else None
         self.model = CharLM(cfg.model).to(device)
         # fine-tuning: the source's weights, then everything else anew
@@ -74,8 +75,9 @@ class Trainer:
         self.resumable = resume_state is not None  # whether out_dir has held a checkpoint of this run
         note = state.restore(self, resume_state) if resume_state else None
         self.net = torch.nn.parallel.DistributedDataParallel(self.model) if ddp.world > 1 else self.model
+        restart = bool(tc.resume) and resume_state is None  # a run that saved no checkpoint, from step 0
         if ddp.main:
-            if cfg.overwrite and resume_state is None:
+            if (cfg.overwrite or restart) and resume_state is None:
                 clear_run(out_dir)  # the run is set up: only now is the old one deleted
             write_run_config(out_dir, cfg, self.plan)
         report.open(out_dir, cfg, resumed_at=self.counters.step if resume_state else None)
@@ -86,6 +88,9 @@ class Trainer:
                         f"{self.precision.parts(cfg.model.cell, device)}")
         if note is not None:
             self.report.say(note)
+        if restart:
+            self.report.say(f"{out_dir} held no checkpoint yet (it was stopped before its first save): training it"
+                            " from step 0 with its config.yaml")
         if init_note is not None:
             self.report.say(init_note)
         self.report.say(self.header(val_total))
@@ -275,7 +280,8 @@ def train(cfg: RunConfig, out_dir: Path, resume_state: Optional[dict[str, Any]] 
     report.activate(ddp.main)
     lock = None
     try:
-        lock = _claim(ddp, out_dir, resuming=resume_state is not None, overwrite=cfg.overwrite)
+        resuming = resume_state is not None or bool(cfg.train.resume)  # (a run that saved nothing: from step 0)
+        lock = _claim(ddp, out_dir, resuming=resuming, overwrite=cfg.overwrite)
         trainer = Trainer(cfg, out_dir, ddp, device, report, resume_state, init_state)
         with plans.use(trainer.plan):
             return trainer.run()

@@ -81,8 +81,11 @@ class RunLock:
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
             doing = f"write in out_dir={out_dir}"
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
         except OSError as e:
+            if self.path.is_symlink():  # O_NOFOLLOW: the lock is never written through a link (ELOOP)
+                raise CharlmError(f"{self.path} is a symbolic link, which a run will not write through; remove"
+                                  " it (the file it points to is untouched) and run again") from None
             raise CharlmError(f"cannot {doing} ({e.strerror}); choose a writable directory") from None
         if not _try_lock(fd):
             holder = _read_holder(fd)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from functools import partial
+from typing import Optional
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
@@ -30,7 +31,13 @@ def budget_lr_factor(step: int, time_frac: float, warmup: int, min_ratio: float)
 
 class Clock:
     """Steps or seconds. Under train.max_seconds: the part of the budget used (which the schedule
-    reads) and whether it has run out, leaving room for the final evaluation."""
+    reads) and whether it has run out, leaving room for the final evaluation.
+
+    The budget counts training only. Start-up (imports, the plan, compiling kernels, reading the
+    text, torchrun's rendezvous) comes before start(), and the first step of each run, which pays
+    for every lazy first-call cost (allocations, oneDNN's primitives, DDP's buckets), is not
+    counted either: the clock starts again as it ends. So a short budget is not eaten by a slow
+    start, on any machine."""
 
     def __init__(self, budget: float, spent: float, start_step: int, val_bytes: int) -> None:
         self.budget, self.spent, self.start_step, self.val_bytes = budget, spent, start_step, val_bytes
@@ -38,12 +45,16 @@ class Clock:
         self.t_start = time.perf_counter()  # start() sets it again as the first step begins
         self.eval_seconds, self.eval_cost = 0.0, None  # evaluating in this run; the last evaluation
         self.elapsed = self.per_step = self.finish_at = 0.0
+        self.timed_from: Optional[int] = None  # the step the budget's clock started after
 
     def read(self, steps_done: int, tokens: int) -> tuple[float, float]:
         """(part of the budget used, 1.0 if it has run out) once step number steps_done is done."""
         now = time.perf_counter()
+        if self.timed_from is None:  # the run's first step: warm-up, not counted
+            self.t_start, self.timed_from, self.eval_seconds = now, steps_done, 0.0
+            return 0.0, 0.0
         self.elapsed = self.spent + now - self.t_start
-        self.per_step = (now - self.t_start - self.eval_seconds) / (steps_done - self.start_step)
+        self.per_step = (now - self.t_start - self.eval_seconds) / (steps_done - self.timed_from)
         # the final evaluation must fit too; before the first one, guess it from the training speed
         final_eval = self.eval_cost if self.eval_cost is not None else self.val_bytes * self.per_step / tokens / 3
         self.finish_at = self.budget - final_eval - self.per_step
@@ -53,6 +64,8 @@ class Clock:
         self.t_start = time.perf_counter()
 
     def steps_left(self) -> int:
+        if not self.per_step:  # not timed yet
+            return 1
         return int((self.finish_at - self.elapsed) / self.per_step) + 1
 
     def evaluated(self, seconds: float) -> None:

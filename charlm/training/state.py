@@ -1,8 +1,9 @@
 """Every key of a training checkpoint, packed and unpacked in one place.
 
     pack(trainer) -> state          model, optimizer, scheduler, Counters, RNG states of every rank,
-                                    the plan (precision included), the carried hidden state, the config
-    counters(state), restore(trainer, state), run_plan(...)   the way back
+                                    the plan (precision included), the carried hidden state, the
+                                    text's identity (size, SHA-256), the config
+    counters(state), restore(trainer, state), run_plan(...), check_corpus(...)   the way back
     start_from(model, state, source)    a fine-tuning run's first weights
 """
 from __future__ import annotations
@@ -17,7 +18,9 @@ from torch.optim.lr_scheduler import LambdaLR
 from charlm import plan as plans
 from charlm.checkpoint import model_state, run_settings
 from charlm.config import RunConfig, TrainConfig
+from charlm.data import text
 from charlm.device import Precision, plan_precision
+from charlm.errors import CharlmError
 from charlm.model.network import CharLM
 from charlm.training import distributed
 
@@ -62,6 +65,7 @@ def pack(trainer: Any) -> dict[str, Any]:
         "precision": {"bf16": trainer.precision.bf16, "why": trainer.precision.why},
         "plan": asdict(trainer.plan),
         "hidden": hidden,
+        "corpus": trainer.corpus,
         "config": asdict(trainer.cfg),
     }
 
@@ -76,6 +80,18 @@ def restore(trainer: Any, state: dict[str, Any]) -> str:
     trainer.generator.set_state(state["rng"]["batches"])
     trainer.h, note = _resumed_lanes(state, trainer.tc, trainer.lanes, trainer.device)
     return f"resumed from step {trainer.counters.step} (best val loss {trainer.counters.best_val_loss:.4f}){note}"
+
+
+def check_corpus(cfg: RunConfig, corpus: dict[str, Any], resume_state: Optional[dict[str, Any]]) -> None:
+    """A resume reads the text its run started on, or is refused: best.pt would otherwise compare
+    validation losses measured on two different texts. (A checkpoint from before this record: no check.)"""
+    saved = (resume_state or {}).get("corpus")
+    how = saved and text.changed(saved, corpus)
+    if how:
+        raise CharlmError(
+            f"the text at {corpus['path']} has changed since this run started ({how}); a resume must read the"
+            " same text: put it back (or name its copy with data.path=...), or start a new run from these weights"
+            f" with train.init_from={cfg.train.resume}")
 
 
 def start_from(model: CharLM, init_state: dict[str, Any], source: str) -> str:

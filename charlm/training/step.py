@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from charlm.config import RunConfig, TrainConfig
 from charlm.data.batches import split
-from charlm.data.text import corpus_path, load_bytes
+from charlm.data.text import corpus_path, identity, load_bytes
 from charlm.device import Precision
 from charlm.errors import CharlmError
 from charlm.model.network import CharLM
@@ -29,11 +29,13 @@ def make_optimizer(model: CharLM, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99), fused=fused or None)
 
 
-def load_splits(cfg: RunConfig, announce: Optional[Callable[[str], None]] = None) -> tuple[np.ndarray, np.ndarray, int]:
-    """(train bytes, the val bytes each evaluation scores, all val bytes) of cfg's text (announce
-    hears of a download)."""
+def load_splits(cfg: RunConfig, announce: Optional[Callable[[str], None]] = None
+                ) -> tuple[np.ndarray, np.ndarray, int, dict[str, Any]]:
+    """(train bytes, the val bytes each evaluation scores, all val bytes, the text's identity) of
+    cfg's text (announce hears of a download)."""
     path = corpus_path(cfg.data, announce)
     text = load_bytes(path)
+    corpus = identity(path, text)
     splits = split(text, cfg.data.train_frac, cfg.data.val_frac)
     train_data, val_data = splits["train"], splits["val"]
     if len(val_data) == 0:
@@ -47,7 +49,7 @@ def load_splits(cfg: RunConfig, announce: Optional[Callable[[str], None]] = None
             " lower train.seq_len or use more text"
         )
     scored = val_data[: cfg.train.eval_bytes] if cfg.train.eval_bytes else val_data
-    return train_data, scored, len(val_data)
+    return train_data, scored, len(val_data), corpus
 
 
 def train_step(
