@@ -14,7 +14,7 @@ import torch
 from charlm.config import check_model
 from charlm.errors import CharlmError
 from charlm.files import atomic_write
-from charlm.model.network import VOCAB_SIZE, CharLM, ModelConfig
+from charlm.model.network import VOCAB_SIZE, CharLM, ModelConfig, weight_shapes
 
 FORMAT = "charlm-checkpoint"
 VERSION = 1
@@ -167,8 +167,7 @@ def check_model_state(state: dict[str, Any], path: str | Path) -> None:
         held = "no embed.weight" if embed is None else f"embed.weight of shape {tuple(embed.shape)}"
         raise CharlmError(f"{bad} its model_config says d_model={d}, n_layers={n}, but it holds {len(weights)}"
                           f" tensors and {held}; use another checkpoint")
-    with torch.device("meta"):  # names and shapes, nothing allocated
-        expected = {k: tuple(v.shape) for k, v in CharLM(config).state_dict().items()}
+    expected = weight_shapes(config)  # names and shapes, nothing allocated
     for name in sorted(set(expected) | set(weights)):
         if name not in weights or name not in expected or tuple(weights[name].shape) != expected[name]:
             found = tuple(weights[name].shape) if name in weights else "nothing"

@@ -151,8 +151,9 @@ class TrainConfig:
         "stream", "`stream`: lanes with the hidden state carried; `random`: random windows, fresh state")
     max_steps: int = setting(1100, "optimizer steps")
     max_seconds: float = setting(
-        0, "a wall-clock budget in seconds, from the first step, evaluations included; replaces"
-        " `train.max_steps`, and the learning-rate schedule stretches over it (0: no budget)")
+        0, "a wall-clock budget in seconds of training, evaluations included (start-up, compiling, torchrun's"
+        " rendezvous and the first step do not count); replaces `train.max_steps`, and the learning-rate"
+        " schedule stretches over it (0: no budget)")
     lr: float = setting(3e-3, "peak learning rate (AdamW), reached after the warmup")
     min_lr: float = setting(1e-4, "the learning rate cosine decay reaches at the last step")
     warmup_steps: int = setting(100, "steps of linear warmup")

@@ -1,6 +1,8 @@
+import pytest
 import torch
 
 from charlm import CharLM, ModelConfig
+from charlm.model.network import weight_shapes
 from conftest import small_model
 
 
@@ -26,3 +28,11 @@ def test_carried_state_equals_one_long_pass():
 def test_reference_size_is_about_3_4_million_parameters():
     n = CharLM(ModelConfig(d_model=512, n_layers=2)).num_parameters()
     assert 3.3e6 < n < 3.5e6
+
+
+@pytest.mark.parametrize("cell", ["reset_after", "reset_before", "lstm"])
+def test_the_computed_weight_shapes_are_the_models_own(cell):
+    """weight_shapes is what a checkpoint is checked against before a model is built from it."""
+    config = ModelConfig(d_model=12, n_layers=3, cell=cell)
+    built = {name: tuple(t.shape) for name, t in CharLM(config).state_dict().items()}
+    assert weight_shapes(config) == built

@@ -112,6 +112,17 @@ class CharLM(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
+def weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The state_dict's names and shapes for config, computed, not built: what a checkpoint is
+    checked against before a model of its size is allocated (tests hold it to the model's own)."""
+    d = config.d_model
+    rnn, gates = ("lstm", 4) if config.cell == "lstm" else ("gru", 3)
+    layers = {f"{rnn}.{name}_l{k}": shape for k in range(config.n_layers)
+              for name, shape in (("weight_ih", (gates * d, d)), ("weight_hh", (gates * d, d)),
+                                  ("bias_ih", (gates * d,)), ("bias_hh", (gates * d,)))}
+    return {"embed.weight": (VOCAB_SIZE, d), **layers, "head.weight": (VOCAB_SIZE, d), "head.bias": (VOCAB_SIZE,)}
+
+
 def _run_lstm(lstm: nn.LSTM, x: torch.Tensor, hc: tuple[torch.Tensor, torch.Tensor] | None) -> tuple:
     """nn.LSTM through oneDNN's fused kernel or PyTorch's own loop on the CPU, as the plan says
     (plan.lstm: oneDNN finds no LSTM implementation on some instruction sets, e.g. with
