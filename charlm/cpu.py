@@ -81,4 +81,3 @@ def bf16_capped() -> bool:
     """Whether ONEDNN_MAX_CPU_ISA keeps oneDNN below its bf16 instructions (CI runs as an AVX2 CPU)."""
     limit = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
     return limit not in ("ALL", "DEFAULT") and "BF16" not in limit and "AMX" not in limit
-

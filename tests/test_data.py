@@ -138,4 +138,3 @@ def test_timemachine_ships_with_the_package_and_needs_no_network(tmp_path, monke
     assert path == PACKAGED / "timemachine.txt"
     assert path.stat().st_size == CORPORA["timemachine"].size
     assert not (tmp_path / "empty_cache").exists()  # nothing written into the cache
-

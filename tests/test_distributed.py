@@ -67,7 +67,6 @@ def test_each_rank_has_its_own_dropout_stream():
     assert len(seeds) == 8 and dropout_seed(0, 1) == dropout_seed(0, 1) != dropout_seed(1, 1)
 
 
-
 @pytest.mark.system
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path, text_file):

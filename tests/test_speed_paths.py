@@ -274,4 +274,3 @@ def test_bench_prints_its_table(tmp_path):
         assert line in out, out
     bad = run_cli("-m", "charlm.bench", "batch_size=0", cwd=tmp_path, check=False)
     assert bad.returncode != 0 and "batch_size must be at least 1" in bad.stderr
-

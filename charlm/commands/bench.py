@@ -25,7 +25,6 @@ import statistics
 import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -34,6 +33,7 @@ from torch import nn
 
 from charlm import plan as plans
 from charlm.config import BenchConfig, ModelConfig, TrainConfig
+from charlm.data.corpora import PACKAGED
 from charlm.device import Precision, keep_freed_memory, plan_precision, resolve_device
 from charlm.inference.sampling import generate
 from charlm.model import matmuls, native
@@ -56,12 +56,12 @@ class PlainGRU(nn.Module):
 
 
 def _batches(n: int, batch: int, seq: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """n (x, y) batches of random windows of The Time Machine when it is in data/, else random bytes."""
+    """n (x, y) batches of random windows of The Time Machine, the copy that ships with charlm
+    (whatever the working directory), repeated where a window is longer than the book."""
     g = torch.Generator().manual_seed(0)
-    path = Path("data/timemachine.txt")
-    text = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8) if path.exists() else None
-    if text is None or len(text) < seq + 2:
-        text = torch.randint(0, 256, (1 << 20,), generator=g, dtype=torch.uint8)
+    text = torch.frombuffer(bytearray((PACKAGED / "timemachine.txt").read_bytes()), dtype=torch.uint8)
+    if len(text) < seq + 2:
+        text = text.repeat((seq + 2) // len(text) + 1)
     out = []
     for _ in range(n):
         starts = torch.randint(0, len(text) - seq - 1, (batch,), generator=g)
@@ -257,6 +257,7 @@ def bench_sampling(args: BenchConfig, device: torch.device, peak: Peak, precisio
             times = {}
             for length in (500, 2000):
                 g = torch.Generator(device=device).manual_seed(0)
+
                 def run(length=length, n=n, g=g, precision=precision) -> list:
                     return [b.cpu() for b in generate(model, b"t", length, 0.8, num_samples=n, generator=g,
                                                       precision=precision)]

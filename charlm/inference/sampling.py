@@ -10,8 +10,9 @@ from charlm.model import native
 from charlm.model.network import CharLM
 from charlm.model.stepping import Stepper
 
-# Bytes written per kernel call where Stepper.write can (at about 60 µs a byte, 2 ms): a consumer
-# that stops reading mid-chunk leaves the state and the generator up to this many bytes ahead.
+# Bytes written per kernel call where Stepper.write can: enough to spread the call's own cost,
+# few enough that a consumer that stops reading mid-chunk leaves the state and the generator at
+# most this many bytes ahead.
 WRITE_CHUNK = 32
 # Bytes of a prompt read per call: the memory a prompt takes (the activations and the 256 outputs
 # of each byte read at once) stays bounded, whatever its length.
@@ -34,6 +35,7 @@ def read_through(model: CharLM, data: bytes, h: Optional[torch.Tensor] = None, n
         out, h = model(piece.unsqueeze(0).expand(num_samples, -1), h)
         log_probs = out[:, -1]
     return log_probs, h
+
 
 def next_byte(
     log_probs: torch.Tensor,
@@ -66,15 +68,13 @@ def next_byte(
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     # Inverse-CDF sampling: one uniform number per row, where torch.multinomial draws one per
-    # byte (256 per row; 6x slower at batch 64 on a CPU). The draw stays strictly below the
-    # total, so it always lands on a byte with probability above zero.
+    # byte (256 per row). The draw stays strictly below the total, so it always lands on a byte
+    # with probability above zero.
     cdf = torch.softmax(logits, dim=-1).cumsum(dim=-1)
     total = cdf[:, -1:]
     u = torch.rand(total.shape, generator=generator, dtype=cdf.dtype, device=cdf.device) * total
     u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
     return torch.searchsorted(cdf, u, right=True).squeeze(-1)
-
-
 
 
 @torch.no_grad()

@@ -230,7 +230,6 @@ class Trainer:
         saved = ckpt.describe_saved(self.out_dir)
         return f"{failure}, then {again} (training stopped at step {self.counters.step}; {saved})"
 
-
     def stopped(self, signum: int) -> dict[str, Any]:
         """After a signal: the step in hand is finished; keep everything up to it."""
         self.save("last.pt")
