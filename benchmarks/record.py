@@ -83,9 +83,10 @@ def main() -> int:
     command = [a for a in args.command if a != "--"] or [sys.executable, "-m", "charlm.bench"]
     if command[0] == "python":
         command[0] = sys.executable
+    status, output, seconds, peak = run(command)  # first: this process stays small while it forks
     info = machine()
-    status, output, seconds, peak = run(command)
-    shown = " ".join(shlex.quote(a) for a in ["python", *command[1:]] if command[0] == sys.executable else command)
+    typed = ["python", *command[1:]] if command[0] == sys.executable else command
+    shown = " ".join(shlex.quote(a) for a in typed)
     cpu = re.sub(r"[^a-z0-9]+", "-", info.get("cpu (lscpu Model name)", "cpu").lower()).strip("-")[:40]
     path = RECORDS / f"{datetime.date.today().isoformat()}-{cpu}-{args.name}.md"
     lines = [f"# {args.name}: `{shown}`", ""]
