@@ -112,7 +112,7 @@ class ModelConfig:
 class PlanConfig:
     """Which code computes a step: `auto` chooses by what this CPU can do (never by timing), a value
     forces that path; the run header prints the plan, checkpoints save it and a resume replays it
-    (see [the plan](speed.md#the-plan))."""
+    (see [the plan](plan.md))."""
 
     kernels: str = setting(
         "auto", "charlm's C++ kernels: `auto` (the newest build this CPU runs), `off` (PyTorch's operations), or a"

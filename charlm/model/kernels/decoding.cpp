@@ -3,7 +3,7 @@
 // sampling runs no Python between bytes.
 //
 // Reference: charlm/model/stepping.py's Stepper and charlm/inference/sampling.py's loop compute the
-// same in PyTorch's operations (tests/test_kernels.py compares them for every build).
+// same in PyTorch's operations (tests/model/test_kernels.py compares them for every build).
 // Why it is fast: batch-1 decoding is bound by reading the weights, so gemv_layout lays each
 // matrix out once in blocks of kCols columns that the loop reads in order with kCols sums held
 // in registers; more rows take tiles.h's micro-kernel.

@@ -4,7 +4,7 @@
 // 1 / (1 - p)); charlm/model/dropout.py draws the seed from PyTorch's generator, so that
 // manual_seed and a restored generator state repeat the masks. Why: F.dropout on the CPU draws
 // every element from one mt19937 stream in turn; a counter-based hash vectorises on every thread.
-// tests/test_kernels.py checks the kept fraction and the repeat under a seed.
+// tests/model/test_kernels.py checks the kept fraction and the repeat under a seed.
 #include "kernels.h"
 
 namespace charlm {

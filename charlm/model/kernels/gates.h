@@ -8,7 +8,7 @@
 //   h' = n + z * (h - n)
 //
 // Reference: charlm/model/fused_gru.py's forward_loop and backward_loop compute the same in
-// PyTorch's operations (tests/test_kernels.py holds every build to them).
+// PyTorch's operations (tests/model/test_kernels.py holds every build to them).
 #pragma once
 #include "kernels.h"
 

@@ -1,7 +1,7 @@
 // The GRU's training time loops: gru_forward and gru_backward, one call per layer and pass.
 //
 // Computes what charlm/model/fused_gru.py's forward_loop and backward_loop compute in PyTorch's
-// operations (the reference; tests/test_kernels.py compares them for every build). Two ways
+// operations (the reference; tests/model/test_kernels.py compares them for every build). Two ways
 // through: the row path, where tiles.h's micro-kernel does the recurrent matmuls and each thread
 // runs every step for its own rows of the batch (no hand-over between threads a step), and one
 // at::mm a step with the gates split over the threads, where no micro-kernel is built (the

@@ -4,7 +4,7 @@
 // the bias gradient.
 //
 // Reference: torch.log_softmax(x @ W.T + b) and its autograd backward (charlm/model/head.py;
-// tests/test_kernels.py). Constants: kLanes (16), so that the row sums vectorise.
+// tests/model/test_kernels.py). Constants: kLanes (16), so that the row sums vectorise.
 #include "kernels.h"
 
 namespace charlm {

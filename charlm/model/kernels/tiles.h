@@ -4,7 +4,7 @@
 // AVX2 has 16 registers); bfloat16 pair dot products (vdpbf16ps) on AVX-512 BF16. Nothing here
 // is built where neither is (the portable build), and the callers take at::mm there.
 //
-// Reference: a plain float32 matmul (torch.mm); tests/test_kernels.py checks the loops and
+// Reference: a plain float32 matmul (torch.mm); tests/model/test_kernels.py checks the loops and
 // decoding that call it, for every build this CPU runs.
 #pragma once
 #include "kernels.h"

@@ -10,7 +10,7 @@
 // Why: oneDNN takes a product whose first operand is transposed markedly slower than the same
 // product laid out plainly, at the GRU's and the head's shapes (benchmarks/records/ has the rows,
 // and `python benchmarks/kernels.py` times these against the library's).
-// Reference: the float32 product of the same operands (tests/test_kernels.py).
+// Reference: the float32 product of the same operands (tests/model/test_kernels.py).
 // Constants: kTnfRows and kTnRows fill the 32 vector registers with sums; kTnfChunk and kTnPairs
 // keep a thread's panels inside a 1 MiB L2.
 #include "kernels.h"

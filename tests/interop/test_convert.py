@@ -9,7 +9,7 @@ import torch
 from charlm.checkpoint import load_model, model_from_state
 from charlm.interop.convert import from_keras, from_trax, to_keras
 from charlm.model.reference import gru_step
-from conftest import ROOT, random_keras_weights, run_cli
+from helpers import ROOT, random_keras_weights, run_cli
 
 
 def log_probs(state, tokens):

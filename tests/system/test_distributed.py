@@ -11,7 +11,7 @@ import torch.distributed as dist
 from charlm import CharLM, ModelConfig
 from charlm.checkpoint import load_checkpoint
 from charlm.training.distributed import Dist, dropout_seed
-from conftest import ROOT, TINY, run_cli
+from helpers import ROOT, TINY, run_cli
 
 ARGS = (*TINY, "model.dropout=0", "train.batch_size=8", "train.max_steps=12", "train.eval_every=6")
 IDENTICAL = "2 processes hold identical weights: largest difference between them 0\n"

@@ -15,7 +15,7 @@ from charlm.config import (
     RunConfig,
     SampleConfig,
 )
-from conftest import ROOT, run_cli
+from helpers import ROOT, run_cli
 
 SCHEMAS = {"train.py": RunConfig, "sample.py": SampleConfig, "evaluate.py": EvaluateConfig,
            "charlm.export": ExportConfig, "charlm.convert": ConvertConfig, "charlm.bench": BenchConfig,

@@ -3,7 +3,7 @@ import torch
 
 from charlm import CharLM, ModelConfig
 from charlm.model.network import weight_shapes
-from conftest import small_model
+from helpers import small_model
 
 
 def test_shapes_and_log_probs_sum_to_one():

@@ -2,7 +2,7 @@ import torch
 
 from charlm.data.tokenizer import START_BYTE
 from charlm.inference.sampling import generate, next_byte, sample_text, stream_text
-from conftest import small_model
+from helpers import small_model
 
 
 def test_greedy_is_argmax_and_deterministic():

@@ -24,7 +24,7 @@ from charlm import plan as plans
 from charlm.checkpoint import load_checkpoint, save_checkpoint
 from charlm.config import PlanConfig
 from charlm.model import matmuls
-from conftest import ROOT, TINY, run_cli, scalars, small_text
+from helpers import ROOT, TINY, run_cli, scalars, small_text
 
 RUN = ("data=text", "data.path=notes.txt", *TINY, "model.n_layers=2")
 

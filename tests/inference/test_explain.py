@@ -8,7 +8,7 @@ from charlm.data.tokenizer import START_BYTE
 from charlm.inference.explain import explain_steps, format_step
 from charlm.inference.sampling import sample_text
 from charlm.model.reference import gru_layer, gru_step
-from conftest import TINY, numpy_params, random_model, run_cli
+from helpers import TINY, numpy_params, random_model, run_cli
 
 
 @pytest.mark.parametrize("cell", ["reset_after", "reset_before"])

@@ -6,7 +6,7 @@ import torch
 from charlm import CharLM, ModelConfig
 from charlm.model.gru import layer_weights, lstm_step_with_gates, step_with_gates
 from charlm.model.reference import flip_update_gate, gru_layer, gru_step, language_model, lstm_step
-from conftest import numpy_params, random_model
+from helpers import numpy_params, random_model
 
 
 @pytest.mark.parametrize("cell", ["reset_after", "reset_before"])

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT
 
 
 @pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff is in the test extras: pip install -e '.[test]'")

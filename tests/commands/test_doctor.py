@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from charlm import plan as plans
-from conftest import run_cli
+from helpers import run_cli
 
 
 @pytest.mark.system

@@ -7,7 +7,7 @@ import pytest
 
 from charlm import load_model
 from charlm.inference.sampling import sample_text
-from conftest import ROOT, copy_run, run_cli
+from helpers import ROOT, copy_run, run_cli
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from charlm.config import ModelConfig
 from charlm.inference.sampling import sample_text
 from charlm.interop.page import half_weights, write_page
 from charlm.model.network import CharLM
-from conftest import TINY, copy_run, run_cli
+from helpers import TINY, copy_run, run_cli
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium: apt-get install chromium")

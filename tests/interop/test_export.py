@@ -5,7 +5,7 @@ import torch
 
 from charlm import CharLM, ModelConfig
 from charlm.data.tokenizer import START_BYTE
-from conftest import TINY, run_cli
+from helpers import TINY, run_cli
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")

@@ -19,7 +19,7 @@ from charlm import plan as plans
 from charlm.inference import sampling
 from charlm.model import fused_gru, native
 from charlm.model.stepping import Stepper
-from conftest import builds_under_test, with_plan
+from helpers import builds_under_test, with_plan
 
 
 @pytest.fixture(params=builds_under_test())

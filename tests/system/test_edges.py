@@ -3,17 +3,15 @@ symlink, a real second directory, a real file cut short, a long prompt), ends in
 just works, and every checkpoint that existed still loads."""
 import os
 import shutil
-import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from charlm.checkpoint import load_checkpoint
 from charlm.data.text import load_bytes
 from charlm.training.rundir import LOCK_NAME
-from conftest import TINY, copy_run, one_error_line, run_cli, small_text
+from helpers import TINY, copy_run, one_error_line, run_cli, small_text
 
 ARGS = ("data=text", "data.path=notes.txt", *TINY)
 
@@ -142,7 +140,7 @@ def test_a_text_cut_short_after_it_was_read_does_not_reach_the_reader(tmp_path):
 
 def test_a_long_prompt_is_read_in_bounded_pieces_with_the_same_result(monkeypatch):
     from charlm.inference import sampling
-    from conftest import small_model
+    from helpers import small_model
 
     model = small_model().eval()
     prompt = (small_text() * 2).encode()[:30_000]
@@ -155,18 +153,3 @@ def test_a_long_prompt_is_read_in_bounded_pieces_with_the_same_result(monkeypatc
     assert max(seen) <= sampling.PROMPT_CHUNK and sum(seen) == len(prompt) + 1
     torch.testing.assert_close(log_probs, whole[:, -1], atol=1e-5, rtol=0)
     torch.testing.assert_close(h, h_whole, atol=1e-5, rtol=0)
-
-
-# --- time budgets count training -----------------------------------------------------------------
-
-def test_a_slow_first_step_is_not_counted_against_the_budget():
-    from charlm.training.schedule import Clock
-
-    clock = Clock(budget=0.5, spent=0.0, start_step=0, val_bytes=1000)
-    clock.start()
-    time.sleep(0.6)  # a first step slower than the whole budget (first-call costs, a rendezvous)
-    assert clock.read(1, tokens=256) == (0.0, 0.0)
-    time.sleep(0.01)
-    frac, out_of_time = clock.read(2, tokens=256)
-    assert out_of_time == 0.0 and frac < 0.5
-    assert np.isfinite(clock.steps_left())

@@ -10,7 +10,7 @@ import pytest
 
 from charlm.checkpoint import load_checkpoint
 from charlm.model.reference import gru_step, language_model, lstm_step
-from conftest import TINY, copy_run, run_cli, small_text
+from helpers import TINY, copy_run, run_cli, small_text
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # a quotation, a line break, a tab, a bell (control byte), an invalid byte, a two-byte character

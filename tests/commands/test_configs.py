@@ -1,7 +1,6 @@
 """Every config composes, and the settings have one source: the dataclasses' defaults are what
 `python train.py` runs, and a recipe YAML holds only what its corpus changes."""
 from dataclasses import asdict
-from pathlib import Path
 
 import pytest
 import yaml
@@ -11,8 +10,9 @@ from omegaconf import OmegaConf
 from charlm.commands.settings import register_schemas
 from charlm.config import EvaluateConfig, ModelConfig, RunConfig, SampleConfig, TrainConfig
 from charlm.data.corpora import CORPORA
+from helpers import ROOT
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = ROOT / "configs"
 register_schemas()  # the schemas the configs name (train_schema, ...)
 NEEDS = {"text": ["data.path=notes.txt"]}  # what a choice cannot run without
 

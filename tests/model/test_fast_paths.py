@@ -1,6 +1,5 @@
-"""The fast paths compute what the plain ones do: fused GRU training, one-byte decoding, bf16,
-the time budget, the benchmark command."""
-import time
+"""The fast paths compute what the plain ones do: fused GRU training, the table and the fused
+head, the plan's matmuls, one-byte decoding, bf16."""
 
 import numpy as np
 import pytest
@@ -9,7 +8,6 @@ import torch.nn.functional as F
 
 from charlm import CharLM, ModelConfig, cpu
 from charlm import plan as plans
-from charlm.checkpoint import load_checkpoint
 from charlm.config import PlanConfig
 from charlm.errors import CharlmError
 from charlm.inference.scoring import evaluate_loss
@@ -18,8 +16,7 @@ from charlm.model import head as head_module
 from charlm.model import matmuls, native
 from charlm.model.fused_gru import can_fuse, fused_gru
 from charlm.model.stepping import Stepper
-from charlm.training.schedule import budget_lr_factor
-from conftest import TINY, run_cli, with_plan
+from helpers import with_plan
 
 needs_native = pytest.mark.skipif(native.ops() is None, reason="the kernels are off or not available here")
 
@@ -232,45 +229,3 @@ def test_bf16_loss_stays_within_0_02_nats_of_fp32(text_file):
             losses[bf16] = evaluate_loss(m, np.frombuffer(text_file.read_bytes(), np.uint8), lanes=8)[0]
     assert losses[False] < 3.0  # it learned
     assert abs(losses[True] - losses[False]) < 0.02, losses
-
-
-def test_budget_schedule_warms_up_then_decays_over_the_budget():
-    f = lambda step, frac: budget_lr_factor(step, frac, warmup=100, min_ratio=0.1)  # noqa: E731
-    assert f(0, 0.0) < 0.05 and f(0, 0.05) == pytest.approx(1.0, abs=0.01)  # warmup ends at 5% of the budget
-    assert f(99, 0.01) == pytest.approx(1.0, abs=0.01)  # ... or after warmup steps
-    assert f(500, 0.5) == pytest.approx(0.55)
-    assert f(900, 1.0) == pytest.approx(0.1)
-
-
-def test_max_seconds_stops_in_time_and_evaluates_at_the_end(tmp_path, text_file):
-    budget = 4
-    t = time.perf_counter()
-    proc = run_cli("train.py", "data=text", f"data.path={text_file}", *TINY, "train.eval_every=100000",
-                   f"train.max_seconds={budget}", "out_dir=timed", cwd=tmp_path)
-    wall = time.perf_counter() - t
-    state = load_checkpoint(tmp_path / "timed" / "last.pt")
-    assert state["step"] > 10  # it trained for the budget, not for train.max_steps
-    assert budget * 0.6 < state["seconds"] < budget + 1.0  # evaluation included
-    assert wall < budget + 15  # plus start-up
-    assert f"step {state['step']}: val loss" in proc.stdout
-    assert "precision: fp32" in proc.stdout or "precision: bf16" in proc.stdout
-
-
-def test_bad_precision_is_one_line(tmp_path):
-    proc = run_cli("train.py", "train.precision=fp8", cwd=tmp_path, check=False)
-    assert proc.returncode == 1
-    assert proc.stderr.strip() == "error: train.precision must be auto, fp32 or bf16, got 'fp8'"
-
-
-@pytest.mark.slow
-def test_bench_prints_its_table(tmp_path):
-    proc = run_cli("-m", "charlm.bench", "models=given", "d_model=16", "batch_size=4", "seq_len=8", "steps=1",
-                   "reps=2", "sample_reps=1", cwd=tmp_path)
-    out = proc.stdout
-    for line in ("matmul peak at the start", "peak beside it (median) ", "% of the fp32 peak",
-                 "plain nn.GRU loop", "charlm step",
-                 "ratio charlm / plain", "batch 1   fp32", "batch 1   bf16", "batch 64  fp32", "batch 64  bf16",
-                 "2,000 vs 500 bytes cost", "peak memory:"):
-        assert line in out, out
-    bad = run_cli("-m", "charlm.bench", "batch_size=0", cwd=tmp_path, check=False)
-    assert bad.returncode != 0 and "batch_size must be at least 1" in bad.stderr

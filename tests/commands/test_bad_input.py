@@ -6,7 +6,7 @@ import torch
 
 from charlm import load_model
 from charlm.inference.sampling import sample_text
-from conftest import TINY, run_cli, small_text
+from helpers import TINY, run_cli, small_text
 
 
 def assert_one_line_error(proc, *words):

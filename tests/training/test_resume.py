@@ -11,7 +11,7 @@ import torch
 
 from charlm.checkpoint import load_checkpoint
 from charlm.training.schedule import lr_factor
-from conftest import ROOT, TINY, run_cli, scalars, small_text, start_training, wait_for
+from helpers import ROOT, TINY, run_cli, scalars, small_text, start_training, wait_for
 
 RUN = ("data=text", "data.path=notes.txt", *TINY, "model.n_layers=2", "out_dir=run")
 
@@ -95,9 +95,9 @@ def test_repeating_the_runs_group_choices_is_accepted(work):
 
 
 def test_a_checkpoint_written_by_earlier_code_loads_resumes_and_samples(tmp_path):
-    """tests/data/checkpoint_cb2759b.pt: 4 steps of an 8x1 model, written by charlm at cb2759b
+    """tests/training/checkpoint_cb2759b.pt: 4 steps of an 8x1 model, written by charlm at cb2759b
     (before the command layer and the folders), with notes.txt as its text."""
-    shutil.copy(ROOT / "tests" / "data" / "checkpoint_cb2759b.pt", tmp_path / "old.pt")
+    shutil.copy(ROOT / "tests" / "training" / "checkpoint_cb2759b.pt", tmp_path / "old.pt")
     (tmp_path / "notes.txt").write_text(small_text(), encoding="utf-8")
     wrote = run_cli("sample.py", "checkpoint=old.pt", "prompt=the", "length=8", "seed=0", cwd=tmp_path)
     assert wrote.stdout.startswith("the") and "step 4" in wrote.stderr

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from charlm import load_model
 from charlm.data.tokenizer import START_BYTE
-from conftest import TINY, copy_run, run_cli, small_text
+from helpers import TINY, copy_run, run_cli, small_text
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import yaml
 
 from charlm import load_model
 from charlm.checkpoint import load_checkpoint
-from conftest import TINY, run_cli, scalars, small_text
+from helpers import TINY, run_cli, scalars, small_text
 
 
 @pytest.fixture(scope="module")

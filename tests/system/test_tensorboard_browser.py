@@ -12,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from conftest import TINY, run_cli
+from helpers import TINY, run_cli
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -9,7 +9,7 @@ import yaml
 
 from charlm.checkpoint import load_checkpoint, save_checkpoint
 from charlm.interop.convert import from_keras
-from conftest import TINY, random_keras_weights, run_cli, small_text
+from helpers import TINY, random_keras_weights, run_cli, small_text
 
 QUICK = (*TINY, "train.warmup_steps=2", "train.eval_bytes=0")
 

@@ -10,7 +10,7 @@ import torch
 from charlm import CharLM, ModelConfig
 from charlm import plan as plans
 from charlm.checkpoint import load_checkpoint
-from conftest import ROOT, TINY, run_cli
+from helpers import ROOT, TINY, run_cli
 
 pytestmark = pytest.mark.cuda
 CUDA_TINY = tuple(a for a in TINY if not a.startswith("train.precision")) + ("train.device=cuda",)
