@@ -20,9 +20,9 @@ What a plan decides, each by a setting (`plan.<name>=`, `train.precision=`), `au
     threads       how many CPU threads run the step (the kernels split their work by it)
 
 `auto` chooses by what this CPU and this PyTorch can do, never by a stopwatch, so that the same
-command computes the same thing at every moment and in every process. The rules below follow
-`python -m charlm.bench`'s rows on each CPU family measured (docs/speed.md links the records);
-a choice that measures faster on your machine is one setting away, and the bench runs any plan.
+command computes the same thing at every moment and in every process. Each rule below gives its
+reason (docs/plan.md has the table); a choice that measures faster on your machine is one setting
+away, and `python -m charlm.bench` runs any plan.
 A resumed run replays the plan its checkpoint saved (charlm.training.state).
 """
 from __future__ import annotations
