@@ -90,7 +90,8 @@ Tensor tn_f32(const Tensor& a, const Tensor& b) {
 // kTnPairs pairs of rows at a time (its own rows of the result from a, all of b) into panels in
 // cache and runs the micro-kernel over them, its rows of the float32 result carried from chunk to
 // chunk. oneDNN's matmul takes this product (its first operand transposed) markedly longer at the
-// GRU's and the head's shapes (docs/speed.md has the rows).
+// GRU's and the head's shapes: the `mm_tn bf16` row of `python benchmarks/kernels.py --build
+// avx512bf16` times both, on a machine that runs this build.
 constexpr int64_t kTnPairs = 256;
 constexpr int kTnRows = 8;       // rows of the result a tile
 constexpr int kTnCols = 2 * U;   // columns of the result a tile
