@@ -1,16 +1,8 @@
-"""python sample.py: write text with a trained model.
-
-    python sample.py [checkpoint=RUN_DIR|FILE.pt] prompt="..." [length=200] [temperature=0.8] ...
-
-prompt=, stop= and the file names checkpoint= and prompt_file= are taken exactly as typed;
-temperature=0 is greedy.
-"""
+"""python sample.py: charlm's sample command (`charlm sample` where charlm is installed); its usage is in
+charlm/commands/entry.py, and `python sample.py --help` prints it with every setting."""
 import sys
 
-from charlm.commands import sample as command
-from charlm.commands.settings import pop_raw_args
-from charlm.config import SampleConfig, path_keys
+from charlm.commands.entry import run_script
 
 if __name__ == "__main__":
-    raw = pop_raw_args(sys.argv, ("prompt", "stop", *path_keys(SampleConfig)))  # free text and file names, as typed
-    command.main(sys.argv, __doc__, raw)
+    run_script("sample", sys.argv)

@@ -5,7 +5,7 @@ from importlib import import_module
 _EXPORTS = {
     "CharLM": "model.network", "ModelConfig": "config", "load_model": "checkpoint",
     "generate": "inference.sampling", "sample_text": "inference.sampling", "encode": "data.tokenizer",
-    "decode": "data.tokenizer",
+    "decode": "data.tokenizer", "train": "commands.api", "Run": "commands.api", "CharlmError": "errors",
 }
 __all__ = list(_EXPORTS)
 

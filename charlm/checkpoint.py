@@ -53,13 +53,21 @@ def model_state(model: CharLM) -> dict[str, Any]:
 
 
 def resolve_checkpoint(path: str | Path, prefer: str = "best.pt") -> Path:
-    """A .pt file, or the checkpoint inside a run directory (prefer, else the other one)."""
+    """A .pt file, the checkpoint inside a run directory (prefer, else the other one), a model
+    folder (python -m charlm.export format=hf), or hf:OWNER/NAME, that folder from the Hub."""
+    from charlm.interop import hf
+
+    if str(path).startswith(hf.HUB_PREFIX):
+        return hf.download(str(path))
     path = Path(path)
+    if hf.is_folder(path):
+        return path
     if path.is_dir():
         for name in (prefer, "last.pt" if prefer == "best.pt" else "best.pt"):
             if (path / name).is_file():
                 return path / name
-        raise CharlmError(f"{path} holds no best.pt or last.pt; is it a charlm run directory?")
+        raise CharlmError(f"{path} holds no best.pt or last.pt, nor a model.safetensors and config.json; is it a"
+                          " charlm run directory or model folder?")
     if not path.exists():
         raise CharlmError(f"checkpoint {path} does not exist; give a run directory or a .pt file")
     return path
@@ -79,8 +87,15 @@ def locate_checkpoint(path: str | Path | None) -> Path:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint onto the CPU without running any code from the file."""
+    """Read a checkpoint onto the CPU without running any code from the file (a model folder's
+    safetensors and config.json too)."""
     path = Path(path)
+    from charlm.interop import hf
+
+    if hf.is_folder(path):
+        state = hf.read_folder(path)
+        check_model_state(state, path)
+        return state
     _check_container(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)

@@ -20,7 +20,8 @@ from charlm.errors import CharlmError
 def setting(default: Any, help: str, shown: Optional[str] = None, path: bool = False) -> Any:
     """A dataclass field with its help; `shown` is how --help and docs/settings.md give a default that
     the code computes (None: "the newest run", a date in a path). A `path` setting names a file or
-    directory: the commands take its value exactly as the shell passed it (see path_keys)."""
+    directory, or is free text (data.separator): the commands take its value exactly as the shell
+    passed it (see path_keys)."""
     metadata = {"help": help, **({"shown": shown} if shown else {}), **({"path": True} if path else {})}
     return field(default=default, metadata=metadata)
 
@@ -68,7 +69,12 @@ class DataConfig:
     """Which text to train on and how to split it (fractions by position)."""
 
     name: str = setting("timemachine", "the corpus: set by `data=`; a key of `charlm/data/corpora.py`, or `text`")
-    path: Optional[str] = setting(None, "the file to read with `data=text`", shown="none", path=True)
+    path: Optional[str] = setting(
+        None, "what `data=text` reads: a file, a folder (its text files, recursively, in sorted order; hidden and"
+        " binary files left out) or a glob (`notes/*.txt`, `poems/**/*.md`)", shown="none", path=True)
+    separator: str = setting(
+        "\\n\\n", "what goes between two files of a folder or a glob (`\\n` is a line break, `\\t` a tab; empty:"
+        " nothing)", shown="`\\n\\n` (an empty line)", path=True)
     cache_dir: str = setting("data", "where named corpora are downloaded to", path=True)
     train_frac: float = setting(0.9, "the first part of the text, for training")
     val_frac: float = setting(0.05, "the next part, for validation; the test split gets the rest")
@@ -143,7 +149,7 @@ class PlanConfig:
 @dataclass
 class TrainConfig:
     """Optimisation, schedule, evaluation and device settings. The defaults are The Time Machine's
-    recipe, what `python train.py` runs; configs/recipe/<data>.yaml holds what another corpus changes."""
+    recipe, what `python train.py` runs; charlm/configs/recipe/<data>.yaml holds what another corpus changes."""
 
     batch_size: int = setting(64, "lanes per batch")
     seq_len: int = setting(100, "bytes per window (backpropagation length)")
@@ -166,7 +172,8 @@ class TrainConfig:
         " both named corpora fit whole")
     sample_length: int = setting(200, "bytes of the sample written at each evaluation")
     log_every: int = setting(10, "steps between the training loss's log points")
-    device: str = setting("auto", "`auto` (CUDA when present, else CPU), `cpu`, `cuda`, `cuda:N`")
+    device: str = setting(
+        "auto", "`auto` (CUDA when present, else Apple's `mps`, else CPU), `cpu`, `cuda`, `cuda:N`, `mps`")
     precision: str = setting(
         "auto", "`fp32`, `bf16` (autocast), or `auto`: bf16 where this CPU or GPU does bf16 matmuls faster than"
         " fp32 (AMX, AVX-512 BF16 on AMD, CUDA compute capability 8.0 and up), else fp32; part of the run's plan"
@@ -199,10 +206,10 @@ class TrainConfig:
 
 
 def check_device(name: str, key: str) -> None:
-    """auto, cpu, cuda or cuda:N (whether that GPU exists is checked where torch is loaded)."""
+    """auto, cpu, cuda, cuda:N or mps (whether that GPU exists is checked where torch is loaded)."""
     index = name.removeprefix("cuda:")
-    if name not in ("auto", "cpu", "cuda") and not (name.startswith("cuda:") and index.isdigit()):
-        raise CharlmError(f"{key} must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if name not in ("auto", "cpu", "cuda", "mps") and not (name.startswith("cuda:") and index.isdigit()):
+        raise CharlmError(f"{key} must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
 
 
 def check_choice(value: Any, key: str, choices: tuple[Any, ...]) -> None:
@@ -255,7 +262,7 @@ class EvaluateConfig:
     split: Optional[str] = setting(
         None, "`train`, `val`, `test` or `all`", shown="`test` (`val` where there is none), or `all` for `data=text`")
     format: str = setting("text", "`text` or `json` (one strict JSON object)")
-    device: str = setting("cpu", "`cpu`, `cuda`, `cuda:N` or `auto`")
+    device: str = setting("cpu", "`cpu`, `cuda`, `cuda:N`, `mps` (Apple Silicon) or `auto`")
     dynamic: bool = setting(
         False, "also score with dynamic evaluation: after scoring each window, one SGD step on it (a copy of"
         " the model; the checkpoint is not changed)")
@@ -296,7 +303,8 @@ class SampleConfig:
     stop: str = setting("", "end each sample just after the first occurrence of this text", shown="none")
     seed: Optional[int] = setting(None, "the same seed gives the same text", shown="random, printed")
     num_samples: int = setting(1, "write several samples at once (a batch)")
-    device: str = setting("cpu", "`cpu`, `cuda`, `cuda:N` or `auto`; a model trained on a GPU samples on the CPU")
+    device: str = setting(
+        "cpu", "`cpu`, `cuda`, `cuda:N`, `mps` (Apple Silicon) or `auto`; a model trained on a GPU samples on the CPU")
     precision: str = setting(
         "fp32", "each new byte's matmuls in `fp32` or `bf16` (faster, and different samples; see"
         " [sampling](sampling.md#precision))")
@@ -340,14 +348,15 @@ class ExportConfig:
     checkpoint: Optional[str] = setting(
         None, "a run directory (its `best.pt`) or a `.pt` file", shown=NEWEST, path=True)
     format: str = setting(
-        "onnx", "`onnx` (one decoding step), `keras` (an `.npz` of Keras's get_weights()) or `html` (the model in one"
-        " web page: type a prompt and watch it write, no server, no network)")
+        "onnx", "`onnx` (one decoding step), `keras` (an `.npz` of Keras's get_weights()), `html` (the model in one"
+        " web page: type a prompt and watch it write, no server, no network) or `hf` (a folder: model.safetensors,"
+        " config.json and a README.md model card, as the Hugging Face Hub shares models)")
     out: Optional[str] = setting(
-        None, "the file to write", shown="`model.onnx`, `keras_weights.npz` or `model.html` beside the checkpoint",
-        path=True)
+        None, "the file (a folder for `hf`) to write",
+        shown="`model.onnx`, `keras_weights.npz`, `model.html` or `hf/` beside the checkpoint", path=True)
 
     def __post_init__(self) -> None:
-        check_choice(self.format, "format", ("onnx", "keras", "html"))
+        check_choice(self.format, "format", ("onnx", "keras", "html", "hf"))
 
 
 @dataclass
@@ -376,7 +385,7 @@ class ConvertConfig:
 class BenchConfig:
     """What `python -m charlm.bench` runs."""
 
-    device: str = setting("cpu", "`cpu`, `cuda`, `cuda:N` or `auto`")
+    device: str = setting("cpu", "`cpu`, `cuda`, `cuda:N`, `mps` (Apple Silicon) or `auto`")
     models: str = setting("defaults", "`defaults`: data=timemachine's, model=reference's and data=tinyshakespeare's"
                           " models, each at its batch; `given`: d_model x n_layers at batch_size x seq_len only")
     d_model: int = setting(512, "model width")

@@ -24,10 +24,19 @@ import torch
 from charlm.errors import CharlmError
 
 
+def mps_available() -> bool:
+    """Whether PyTorch can use an Apple GPU (Metal Performance Shaders) here."""
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())
+
+
 def resolve_device(name: str, key: str = "device") -> torch.device:
-    """auto -> cuda when present, else cpu; a GPU that is not there is one clear error."""
+    """auto -> cuda when present, else Apple's mps, else cpu; a GPU that is not there is one clear error."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps_available() else "cpu")
+    if name == "mps" and not mps_available():
+        raise CharlmError(f"{key}=mps but this machine has no Apple GPU that PyTorch can use (mps needs Apple"
+                          f" Silicon, macOS 12.3 or newer and a PyTorch built with it); use {key}=cpu or {key}=auto")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise CharlmError(f"{key}={name} but no CUDA GPU is available; use {key}=cpu or {key}=auto")

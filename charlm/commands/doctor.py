@@ -31,6 +31,7 @@ import torch
 from charlm import plan as plans
 from charlm.checkpoint import load_checkpoint, model_from_state
 from charlm.config import DataConfig, DoctorConfig, ModelConfig, RunConfig, TrainConfig
+from charlm.device import mps_available
 from charlm.inference.sampling import sample_text
 from charlm.inference.scoring import evaluate_loss
 from charlm.model import native
@@ -38,7 +39,6 @@ from charlm.model.network import CharLM
 from charlm.model.stepping import Stepper
 from charlm.training.loop import train
 
-ROOT = Path(__file__).resolve().parents[2]  # train.py, for torchrun
 TEXT = "".join(f"the {w} traveller came back at {n} o'clock; café déjà vu.\n"
                for n, w in enumerate(["time", "grey", "swift", "old"] * 60))
 
@@ -83,8 +83,8 @@ def check_ddp(text: Path, work: Path, device: str) -> str:
             "train.batch_size=8", "train.seq_len=32", "train.max_steps=6", "train.eval_every=3",
             "train.precision=fp32", f"train.device={device}", f"out_dir={work / ('ddp-' + device)}"]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(ROOT / "train.py"), *args], cwd=work, env=env, capture_output=True, text=True,
-                          timeout=300)
+                           "-m", "charlm", "train", *args], cwd=work, env=env, capture_output=True, text=True,
+                          timeout=300)  # charlm's train command, installed or in a clone
     found = re.search(r"2 processes (hold identical weights|DISAGREE on the weights): .*", proc.stdout)
     if proc.returncode != 0 or not found or "identical" not in found.group(0):
         tail = (proc.stderr.strip() or proc.stdout.strip()).splitlines()[-1:] or ["no output"]
@@ -155,6 +155,9 @@ def _doctor(_: DoctorConfig) -> int:
     for device in range(gpus):
         precision, reason = plans.auto_precision(torch.device(f"cuda:{device}"))
         print(f"cuda:{device}: precision={precision} ({reason})")
+    if mps_available():
+        precision, reason = plans.auto_precision(torch.device("mps"))
+        print(f"mps: precision={precision} ({reason})")
     results = []
     if ops is not None:
         results.append(_row("cpu kernels", lambda: _with_plan(plan, check_native)))
@@ -162,7 +165,7 @@ def _doctor(_: DoctorConfig) -> int:
         work = Path(tmp)
         text = work / "text.txt"
         text.write_text(TEXT, encoding="utf-8")
-        devices = ["cpu"] + [f"cuda:{i}" for i in range(gpus)]
+        devices = ["cpu"] + [f"cuda:{i}" for i in range(gpus)] + (["mps"] if mps_available() else [])
         for device in devices:
             for precision in ("fp32", "bf16"):
                 for cell in ("reset_after", "reset_before", "lstm"):
@@ -170,6 +173,8 @@ def _doctor(_: DoctorConfig) -> int:
                     results.append(_row(label, lambda: check_single(text, work, device, precision, cell)))
         if gpus == 0:
             print(f"{'cuda':<34} - no GPU: torch.cuda.is_available() is False")
+        if not mps_available():
+            print(f"{'mps':<34} - no Apple GPU: torch.backends.mps.is_available() is False")
         results.append(_row("2 processes, gloo (CPU)", lambda: check_ddp(text, work, "cpu")))
         if gpus >= 2:
             results.append(_row("2 processes, NCCL (cuda)", lambda: check_ddp(text, work, "cuda")))

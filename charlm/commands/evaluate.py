@@ -137,7 +137,7 @@ def _scored_text(cfg: EvaluateConfig, data_given: bool) -> tuple[Path, Any, Path
     model = model_from_state(state).to(device)
     data_cfg = cfg.data if data_given else DataConfig(**run_settings(state)["data"])
     text_path = corpus_path(data_cfg, lambda message: print(message, file=sys.stderr))
-    data = load_bytes(text_path)
+    data = load_bytes(text_path, data_cfg.separator, data_cfg.cache_dir)
     parts = split(data, data_cfg.train_frac, data_cfg.val_frac)
     which, note = cfg.split, ""
     if which is None and data_given and data_cfg.name == "text":

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Optional
 
-from charlm.commands.settings import CONFIG_DIR, run_config, settings_help, show_value
+from charlm.commands.settings import run_config, settings_help, show_value
 from charlm.config import BenchConfig, ConvertConfig, EvaluateConfig, ExportConfig, RunConfig, SampleConfig, setting
 from charlm.files import output_file, write_file
 
-DEFAULT_OUT = CONFIG_DIR.parent / "docs" / "settings.md"
+DEFAULT_OUT = Path(__file__).resolve().parents[2] / "docs" / "settings.md"  # in a clone of the repository
 COMMANDS = (  # (title, command line, schema, what the table leaves to another one)
     ("Training", "python train.py", RunConfig, ("data.name",)),
     ("Sampling", "python sample.py", SampleConfig, ()),
@@ -27,7 +28,7 @@ COMMANDS = (  # (title, command line, schema, what the table leaves to another o
 GROUPS = (  # train.py's config groups: (key, default, help)
     ("data", "timemachine", "the text: `timemachine`, `tinyshakespeare` (named corpora, checked by SHA-256), or"
      " `text` (your own file, with `data.path=`)"),
-    ("recipe", "the corpus's own", "a corpus's tuned model and schedule (`configs/recipe/<corpus>.yaml`); taken"
+    ("recipe", "the corpus's own", "a corpus's tuned model and schedule (`charlm/configs/recipe/<corpus>.yaml`); taken"
      " automatically for `data=`, or chosen for another text"),
     ("model", "none", "a named size over the recipe's: `tiny` (128x2), `small` (256x2), `reference` (512x2)"),
 )
@@ -58,8 +59,9 @@ def reference_text() -> str:
             shown = corpus_defaults.get(key, _code(default)) if schema is RunConfig else _code(default)
             lines.append(f"| `{key}` | {shown} | {text} |")
         if schema is RunConfig:
-            lines += ["", "Where two defaults are given (`a; b`), the first is The Time Machine's and the second"
-                      " Tiny Shakespeare's (`data=tinyshakespeare` takes `configs/recipe/tinyshakespeare.yaml`)."]
+            lines += ["", "Where two defaults are given (`a; b`), the first is The Time Machine's and the"
+                      " second Tiny Shakespeare's (`data=tinyshakespeare` takes"
+                      " `charlm/configs/recipe/tinyshakespeare.yaml`)."]
         lines.append("")
     return "\n".join(lines)
 

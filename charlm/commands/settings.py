@@ -19,12 +19,12 @@ from omegaconf.errors import OmegaConfBaseException
 from charlm.config import EvaluateConfig, RunConfig, SampleConfig, path_keys
 from charlm.errors import CharlmError
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # inside the package, so a wheel carries them
 SCHEMAS = {"train": RunConfig, "sample": SampleConfig, "evaluate": EvaluateConfig}
 
 
 def register_schemas() -> None:
-    """Give Hydra the schemas configs/*.yaml name (train_schema, ...): a typo'd key or a wrong
+    """Give Hydra the schemas charlm/configs/*.yaml name (train_schema, ...): a typo'd key or a wrong
     type in a config or an override then stops the run at start-up."""
     from hydra.core.config_store import ConfigStore
 
@@ -62,7 +62,7 @@ def help_text(usage: str, schema: type, groups: Optional[dict[str, list[str]]] =
     """usage, then every setting as `key=default` over its help (what --help prints)."""
     lines = [usage.strip(), ""]
     if groups:
-        lines.append("config groups (each choice a file in configs/<group>/):")
+        lines.append("config groups (each choice a file in charlm/configs/<group>/):")
         lines += [f"  {group}=  one of {', '.join(options)}" for group, options in groups.items()]
         lines.append("")
     rows = settings_help(schema)
@@ -142,7 +142,7 @@ def run_config(overrides: list[str]) -> RunConfig:
 
 
 def _check_recipe_choices(overrides: list[str]) -> None:
-    """recipe=... (and model=...) name files that must exist. configs/train.yaml marks recipe
+    """recipe=... (and model=...) name files that must exist. charlm/configs/train.yaml marks recipe
     optional (a corpus without one takes the defaults), and Hydra skips a missing optional choice
     without a word, so a misspelt one is caught here (sweeps' a,b,c included)."""
     for arg in overrides:

@@ -17,7 +17,7 @@ from charlm.config import RunConfig
 from charlm.errors import CharlmError
 
 MODEL_SHAPE = ("d_model", "n_layers", "cell")  # what a checkpoint's weights fix (resume, init_from)
-RESUME_FIXES = {"data": ("name", "path", "train_frac", "val_frac"), "model": MODEL_SHAPE}
+RESUME_FIXES = {"data": ("name", "path", "separator", "train_frac", "val_frac"), "model": MODEL_SHAPE}
 # what a group choice on the command line stands for: data=... and model=... their section,
 # recipe=... the model and train sections (as this command composes them)
 GROUP_SECTIONS = {"data": ["data"], "model": ["model"], "recipe": ["model", "train"]}
@@ -139,7 +139,7 @@ def _find_text(saved: DictConfig, merged: DictConfig, corpus: Optional[dict[str,
         merged.data.path = saved.data.path = literal(corpus["path"])
     elif given and merged.data.path != was and corpus and Path(merged.data.path).is_file():
         now = merged.data.path
-        if identity(now, load_bytes(now))["sha256"] == corpus["sha256"]:
+        if identity(now, load_bytes(now, merged.data.separator, merged.data.cache_dir))["sha256"] == corpus["sha256"]:
             saved.data.path = now  # the same text, moved
 
 

@@ -22,7 +22,9 @@ from charlm.training.report import Report
 class TrainReport(Report):
     """Rank 0's voice (once activated); a no-op on the other ranks."""
 
-    def __init__(self) -> None:
+    def __init__(self, notebook: bool = False) -> None:
+        """notebook: the bar is tqdm.auto's (a widget in Jupyter), wherever stdout goes."""
+        self.notebook = notebook
         self.active, self.writer, self.bar = False, None, None
         self.last_val: Optional[float] = None
         self.tokens, self.t_log = 0, time.perf_counter()  # tokens trained since the last log line
@@ -51,9 +53,14 @@ class TrainReport(Report):
         Outside a terminal (a log file, nohup, a cluster's job log) there is no bar, whose carriage
         returns would make the log one enormous line: log() prints a plain line instead.
         """
-        self.plain = not sys.stdout.isatty()
-        self.bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True,
-                        file=sys.stdout, disable=not self.active or self.plain)
+        self.plain = not sys.stdout.isatty() and not self.notebook
+        if self.notebook:
+            from tqdm.auto import tqdm as auto_tqdm
+
+            self.bar = auto_tqdm(total=total, initial=step, desc="train", unit="step", disable=not self.active)
+        else:
+            self.bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True,
+                            file=sys.stdout, disable=not self.active or self.plain)
         self.step, self.total, self.first_step = step, total, step
         self.t_log = self.t_start = time.perf_counter()
 

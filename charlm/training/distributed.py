@@ -99,6 +99,9 @@ def setup(batch_size: int, device: torch.device) -> tuple[Dist, torch.device]:
         return Dist(device=device), device
     if batch_size % world:
         raise CharlmError(f"train.batch_size={batch_size} must be a multiple of the {world} processes")
+    if device.type == "mps":
+        raise CharlmError(f"{world} processes on mps: PyTorch has no process group for Apple's GPU; run one process"
+                          " (python train.py train.device=mps), or torchrun with train.device=cpu")
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)

@@ -52,7 +52,8 @@ class Trainer:
         self.cfg, self.out_dir, self.ddp, self.device, self.report = cfg, out_dir, ddp, device, report
         say = report.say
         if tc.device == "auto":
-            say(f"device: {device} (train.device=auto{'' if device.type == 'cuda' else ', no CUDA GPU found'})")
+            found = {"cuda": "", "mps": ", Apple's GPU"}.get(device.type, ", no CUDA GPU found")
+            say(f"device: {device} (train.device=auto{found})")
         # the plan first (it may compile the kernels): every choice of code made once, before any step
         self.plan, self.precision, plan_note = state.run_plan(cfg, device, ddp, resume_state)
         torch.manual_seed(cfg.seed)

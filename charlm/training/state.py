@@ -61,6 +61,7 @@ def pack(trainer: Any) -> dict[str, Any]:
             "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else [],
             "batches": trainer.generator.get_state(),
             "ranks": [{"torch": t, "cuda": c} for t, c in zip(ranks_rng, ranks_cuda or [None] * ddp.world)],
+            "mps": torch.mps.get_rng_state() if device.type == "mps" else None,  # one process on Apple's GPU
         },
         "precision": {"bf16": trainer.precision.bf16, "why": trainer.precision.why},
         "plan": asdict(trainer.plan),
@@ -143,6 +144,8 @@ def _restore_rng(rng: dict[str, Any], ddp: distributed.Dist, device: torch.devic
             torch.cuda.set_rng_state(ranks[ddp.rank]["cuda"], device)
         elif device.type == "cuda" and ddp.world == 1 and rng.get("cuda"):
             torch.cuda.set_rng_state_all(rng["cuda"])
+        elif device.type == "mps" and rng.get("mps") is not None:
+            torch.mps.set_rng_state(rng["mps"])
     else:
         torch.manual_seed(distributed.dropout_seed(seed + step, ddp.rank))
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from charlm.config import RunConfig, TrainConfig
 from charlm.data.batches import split
-from charlm.data.text import corpus_path, identity, load_bytes
+from charlm.data.text import corpus_path, identity, is_glob, load_bytes, text_files
 from charlm.device import Precision
 from charlm.errors import CharlmError
 from charlm.model.network import CharLM
@@ -33,8 +33,15 @@ def load_splits(cfg: RunConfig, announce: Optional[Callable[[str], None]] = None
     """(train bytes, the val bytes each evaluation scores, all val bytes, the text's identity) of
     cfg's text (announce hears of a download)."""
     path = corpus_path(cfg.data, announce)
-    text = load_bytes(path)
-    corpus = identity(path, text)
+    text = load_bytes(path, cfg.data.separator, cfg.data.cache_dir)
+    files = None
+    if path.is_dir() or is_glob(path):
+        files, binary = text_files(path)
+        if announce:
+            skipped = f", {binary} binary file{'s' if binary != 1 else ''} skipped" if binary else ""
+            announce(f"data.path={path}: {len(files)} text files{skipped}, {len(text):,} bytes joined by"
+                     f" data.separator ({cfg.data.separator!r}), in sorted order: {files[0]} ... {files[-1]}")
+    corpus = identity(path, text, files)
     splits = split(text, cfg.data.train_frac, cfg.data.val_frac)
     train_data, val_data = splits["train"], splits["val"]
     if len(val_data) == 0:

@@ -31,7 +31,7 @@ TRAIN_CASES = {
     "missing file": (["data=text", "data.path=nope.txt"], ["nope.txt", "does not exist"]),
     "empty file": (["data=text", "data.path=empty.txt"], ["empty.txt", "empty"]),
     "shorter than a window": (["data=text", "data.path=short.txt"], ["too short", "train.batch_size"]),
-    "directory": (["data=text", "data.path=a_dir"], ["a_dir", "directory"]),
+    "directory": (["data=text", "data.path=a_dir"], ["a_dir", "holds no text files"]),
     "text without path": (["data=text"], ["data.path"]),
     "unknown corpus": (["data.name=wiki"], ["wiki", "timemachine"]),
     "unknown key": (["train.lrr=0.1"], ["train.lrr"]),

@@ -12,7 +12,7 @@ from charlm.config import EvaluateConfig, ModelConfig, RunConfig, SampleConfig, 
 from charlm.data.corpora import CORPORA
 from helpers import ROOT
 
-CONFIGS = ROOT / "configs"
+CONFIGS = ROOT / "charlm" / "configs"
 register_schemas()  # the schemas the configs name (train_schema, ...)
 NEEDS = {"text": ["data.path=notes.txt"]}  # what a choice cannot run without
 
@@ -43,23 +43,23 @@ def test_the_defaults_are_what_train_py_runs():
 
 
 def test_corpus_recipes_restate_no_default():
-    """configs/recipe/<corpus>.yaml: only what that corpus changes (the named sizes in configs/model
+    """charlm/configs/recipe/<corpus>.yaml: only what that corpus changes (the named sizes in charlm/configs/model
     list all of themselves)."""
     defaults = {"train": asdict(TrainConfig()), "model": asdict(ModelConfig())}
     recipes = sorted((CONFIGS / "recipe").glob("*.yaml"))
     assert recipes, "no recipes found"
     for path in recipes:
-        assert path.stem in CORPORA, f"configs/recipe/{path.name} names no corpus of charlm/data/corpora.py"
+        assert path.stem in CORPORA, f"charlm/configs/recipe/{path.name} names no corpus of charlm/data/corpora.py"
         sections = yaml.safe_load(path.read_text()) or {}
         assert set(sections) <= {"model", "train"}, f"{path.name}: a recipe sets model.* and train.* only"
         for group, keys in sections.items():
             restated = [k for k, v in keys.items() if defaults[group].get(k) == v]
-            assert restated == [], f"configs/recipe/{path.name} restates defaults: {group}.{restated}"
+            assert restated == [], f"charlm/configs/recipe/{path.name} restates defaults: {group}.{restated}"
 
 
 def test_a_corpus_needs_only_its_data_file_and_corpora_entry():
     """A corpus without recipes trains with the defaults (The Time Machine's)."""
     for name in CORPORA:
-        assert (CONFIGS / "data" / f"{name}.yaml").is_file(), f"configs/data/{name}.yaml is missing"
+        assert (CONFIGS / "data" / f"{name}.yaml").is_file(), f"charlm/configs/data/{name}.yaml is missing"
     cfg = composed("train", ["data=text", "data.path=notes.txt"])  # text has no recipe of its own
     assert cfg.model == ModelConfig() and cfg.train == TrainConfig()

@@ -53,7 +53,7 @@ def test_every_command_line_in_the_docs_uses_settings_that_exist(page):
 def test_help_lists_every_setting_with_its_help(tmp_path, command):
     out = run_cli(command, "--help", cwd=tmp_path).stdout
     schema = SCHEMAS[command]
-    assert out.startswith(f"python {command}:")
+    assert out.startswith(f"python {command} (or: charlm {command[:-3]}):")
     for key, default, text in settings_help(schema):
         assert f"  {key}={default.replace('`', '')}\n" in out, key
         assert re.sub(r"\[([^\]]+)\]\([^)]+\)", r"\1", text).replace("`", "") in out, key

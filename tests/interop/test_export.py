@@ -42,4 +42,4 @@ def test_export_command(tmp_path, text_file):
     assert "byte (N,) int64" in proc.stdout
     assert "one decoding step" in run_cli("-m", "charlm.export", "--help", cwd=tmp_path).stdout
     bad = run_cli("-m", "charlm.export", "checkpoint=run", "format=tflite", cwd=tmp_path, check=False)
-    assert bad.returncode == 1 and "format must be onnx, keras or html" in bad.stderr
+    assert bad.returncode == 1 and "format must be onnx, keras, html or hf" in bad.stderr
