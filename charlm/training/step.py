@@ -39,8 +39,8 @@ def load_splits(cfg: RunConfig, announce: Optional[Callable[[str], None]] = None
         files, binary = text_files(path)
         if announce:
             skipped = f", {binary} binary file{'s' if binary != 1 else ''} skipped" if binary else ""
-            announce(f"data.path={path}: {len(files)} text files{skipped}, {len(text):,} bytes joined by"
-                     f" data.separator ({cfg.data.separator!r}), in sorted order: {files[0]} ... {files[-1]}")
+            announce(f"data.path={path}: {len(files)} text files{skipped}, {len(text):,} bytes in sorted order"
+                     f" ({files[0]} ... {files[-1]}), data.separator={cfg.data.separator} between them")
     corpus = identity(path, text, files)
     splits = split(text, cfg.data.train_frac, cfg.data.val_frac)
     train_data, val_data = splits["train"], splits["val"]

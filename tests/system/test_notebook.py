@@ -21,6 +21,7 @@ def test_the_example_notebook_runs_in_a_jupyter_kernel(tmp_path):
         del os.environ["CHARLM_NOTEBOOK_SECONDS"]
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
+    assert not [o.text for o in outputs if o.output_type == "stream" and "Warning" in o.text]  # a quiet notebook
     text = "".join(o.get("text", "") + str(o.get("data", {}).get("text/plain", "")) for o in outputs)
     assert "Run(out_dir=PosixPath('runs/notebook')" in text and "the time traveller" in text
     assert any("image/png" in o.get("data", {}) for o in outputs)  # the loss curves
