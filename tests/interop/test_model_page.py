@@ -19,6 +19,7 @@ from charlm.model.network import CharLM
 from helpers import TINY, copy_run, run_cli
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# In Chromium, so in the slow set (python -m pytest -m slow, which CI runs): a browser per test
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium: apt-get install chromium")
 PROMPT = "the grey "
 CELLS = ["reset_after", "reset_before", "lstm"]
@@ -54,6 +55,7 @@ def written(document: str) -> bytes:
 
 @needs_chromium
 @pytest.mark.system
+@pytest.mark.slow
 @pytest.mark.parametrize("cell", CELLS)
 def test_the_page_writes_what_sample_py_writes_greedily(pages, cell):
     query = "?prompt=" + PROMPT.replace(" ", "%20") + "&length=200&temperature=0"
@@ -68,6 +70,7 @@ def test_the_page_writes_what_sample_py_writes_greedily(pages, cell):
 
 @needs_chromium
 @pytest.mark.system
+@pytest.mark.slow
 @pytest.mark.parametrize("cell", CELLS)
 def test_the_pages_log_probabilities_are_pytorchs(pages, cell):
     """50 steps along the page's own greedy path: within 1e-3 of PyTorch's, with the checkpoint's
@@ -88,6 +91,7 @@ def test_the_pages_log_probabilities_are_pytorchs(pages, cell):
 
 @needs_chromium
 @pytest.mark.system
+@pytest.mark.slow
 def test_seed_and_top_k_come_from_the_url(pages):
     page = pages / "reset_after.html"
     a = written(dom(page, "?prompt=the&length=40&temperature=1&seed=3&top_k=5"))
@@ -98,6 +102,7 @@ def test_seed_and_top_k_come_from_the_url(pages):
 
 @needs_chromium
 @pytest.mark.system
+@pytest.mark.slow
 def test_a_huge_length_is_capped_and_written_in_frames_and_markup_in_a_title_is_inert(pages):
     """?length=1000000000 once wrote in one synchronous loop, freezing the tab (Stop could not run);
     a checkpoint's directory named `x<!--<script>` once stopped the page's script from running."""
