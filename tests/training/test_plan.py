@@ -181,6 +181,7 @@ def busy_core():
 
 
 @pytest.mark.system
+@pytest.mark.slow  # about half a minute on two cores: `-m slow` and CI's plan step run it
 @pytest.mark.parametrize("variant", plan_variants(), ids=lambda v: " ".join(v) or "auto")
 def test_the_same_command_gives_the_same_weights_in_any_process_and_across_a_resume(work, variant):
     """For both GRU cells and the LSTM, with dropout: the same command run in this process, in two
