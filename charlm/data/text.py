@@ -134,13 +134,16 @@ def separator_bytes(separator: str) -> bytes:
     return "".join(out).encode("utf-8", "surrogateescape")
 
 
-def load_bytes(path: str | Path, separator: str = "\\n\\n", cache_dir: str | Path = "data") -> np.ndarray:
+def load_bytes(path: str | Path, separator: str = "\\n\\n", cache_dir: str | Path = "data",
+               files: Optional[list[Path]] = None) -> np.ndarray:
     """The text as a read-only uint8 array: a copy in memory, or memory-mapped above IN_MEMORY_LIMIT.
     A folder or a glob is its text files (text_files) joined by separator (data.separator), written
-    once into cache_dir and memory-mapped (_joined)."""
+    once into cache_dir and memory-mapped (_joined); files: text_files(path)'s list, where the caller
+    has it already."""
     path = Path(path)
     if path.is_dir() or is_glob(path):
-        return _joined(text_files(path)[0], separator_bytes(separator), Path(cache_dir))
+        return _joined(files if files is not None else text_files(path)[0], separator_bytes(separator),
+                       Path(cache_dir))
     try:
         if os.stat(path).st_size > IN_MEMORY_LIMIT:
             return np.memmap(path, dtype=np.uint8, mode="r")

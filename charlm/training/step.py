@@ -33,14 +33,12 @@ def load_splits(cfg: RunConfig, announce: Optional[Callable[[str], None]] = None
     """(train bytes, the val bytes each evaluation scores, all val bytes, the text's identity) of
     cfg's text (announce hears of a download)."""
     path = corpus_path(cfg.data, announce)
-    text = load_bytes(path, cfg.data.separator, cfg.data.cache_dir)
-    files = None
-    if path.is_dir() or is_glob(path):
-        files, binary = text_files(path)
-        if announce:
-            skipped = f", {binary} binary file{'s' if binary != 1 else ''} skipped" if binary else ""
-            announce(f"data.path={path}: {len(files)} text files{skipped}, {len(text):,} bytes in sorted order"
-                     f" ({files[0]} ... {files[-1]}), data.separator={cfg.data.separator} between them")
+    files, binary = text_files(path) if path.is_dir() or is_glob(path) else (None, 0)
+    text = load_bytes(path, cfg.data.separator, cfg.data.cache_dir, files)
+    if files is not None and announce:
+        skipped = f", {binary} binary file{'s' if binary != 1 else ''} skipped" if binary else ""
+        announce(f"data.path={path}: {len(files)} text files{skipped}, {len(text):,} bytes in sorted order"
+                 f" ({files[0]} ... {files[-1]}), data.separator={cfg.data.separator} between them")
     corpus = identity(path, text, files)
     splits = split(text, cfg.data.train_frac, cfg.data.val_frac)
     train_data, val_data = splits["train"], splits["val"]
